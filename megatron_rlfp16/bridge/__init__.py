@@ -1,0 +1,51 @@
+"""HF <-> Megatron weights: declarative per-family mappings, sharded import, streaming export.
+
+Typical use on every rank::
+
+    model, arch = build_model(read_config_json(hf_dir))
+    load_hf_checkpoint(model, arch, hf_dir)                 # each rank reads only its shards
+    for name, tensor in export_hf(model, arch, dtype=torch.float16):
+        ...                                                 # collective: every rank iterates
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple, Union
+
+import torch
+
+from megatron_rlfp16.bridge.context import ShardContext, unwrap
+from megatron_rlfp16.bridge.core import Bridge, export_hf_weights, import_hf_weights
+from megatron_rlfp16.bridge.names import to_canonical, to_te
+from megatron_rlfp16.models.hf_config import ModelArch
+
+
+def load_hf_checkpoint(model, arch: ModelArch, hf_dir_or_reader) -> None:
+    """Fills this rank's shards of ``model`` from an HF directory (or a reader with ``.get``)."""
+    from megatron_rlfp16.checkpoint.hf_io import SafetensorsReader
+
+    reader = SafetensorsReader(hf_dir_or_reader) if isinstance(hf_dir_or_reader, str) else hf_dir_or_reader
+    bare = unwrap(model)
+    import_hf_weights(bare.named_parameters(), Bridge(arch), ShardContext.from_megatron(bare), reader)
+
+
+def export_hf(
+    model,
+    arch: ModelArch,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    bucket_bytes: int = 512 << 20,
+    receivers: Union[str, int] = "all",
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Collective generator of the full HF tensors of a (sharded) Megatron model; see
+    :func:`megatron_rlfp16.bridge.core.export_hf_weights`."""
+    bare = unwrap(model)
+    return export_hf_weights(
+        bare.named_parameters(), Bridge(arch), ShardContext.from_megatron(bare),
+        dtype=dtype, bucket_bytes=bucket_bytes, receivers=receivers,
+    )
+
+
+__all__ = [
+    "Bridge", "ShardContext", "export_hf", "export_hf_weights", "import_hf_weights",
+    "load_hf_checkpoint", "to_canonical", "to_te", "unwrap",
+]

@@ -1,0 +1,7 @@
+"""Qwen3: Llama's layout plus per-head RMSNorm on queries and keys (``q_norm`` / ``k_norm``)."""
+from megatron_rlfp16.bridge.families.common import attention, dense_mlp, embeddings_and_head
+
+
+def mappings(arch):
+    assert arch.qk_norm, "qwen3 checkpoints carry q_norm / k_norm"
+    return [*embeddings_and_head(arch), *attention(arch), *dense_mlp()]

@@ -1,0 +1,94 @@
+"""Rollout corrections: a detached weight w on ℓ_t for the mismatch between trainer and rollout engine.
+
+The rollout engine samples from μ, which differs from the trainer's π (different kernels, BF16
+rounding, ...). The correction reweights each token or sequence by ρ = π_prox / μ, where π_prox is the
+objective's proximal policy (π_old for ppo_clip / gspo / cispo, sg(πθ) for pg), then truncates
+(TIS) or masks (MIS, IcePop) it at a cap C so a few extreme ratios cannot blow up the variance.
+
+Every function here receives ``log_rho`` = log π_prox − log μ (``[B, T]``, detached, padding = 0,
+float32 or wider) and returns a detached weight broadcastable to ``[B, T]``.
+
+Sequence ratios multiply up to thousands of tokens, so they are summed in log space and clamped
+before ``exp``: the clamp sits above log C (so min / ≤ C decisions are exact for every finite ρ) and
+below the dtype's overflow point (so a masked sequence yields 0, not inf·0 = NaN). With C = inf, a ρ
+beyond the dtype's range saturates near its max instead of becoming inf.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_rlfp16.losses.registry import register_correction
+
+
+def _ratio(log_rho: torch.Tensor, cap: float) -> torch.Tensor:
+    """exp(log ρ), exact wherever ρ <= e·C, saturating above (still > C, still finite)."""
+    log_max = math.log(torch.finfo(log_rho.dtype).max) - 1.0
+    hi = min(math.log(cap) + 1.0, log_max) if math.isfinite(cap) else log_max
+    return torch.exp(log_rho.clamp(max=hi))
+
+
+def _truncate(log_rho: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.clamp(_ratio(log_rho, cap), max=cap)
+
+
+def _mask(log_rho: torch.Tensor, cap: float, floor: float = 0.0) -> torch.Tensor:
+    rho = _ratio(log_rho, cap)
+    keep = (rho <= cap) & (rho >= floor)
+    return torch.where(keep, rho, torch.zeros_like(rho))
+
+
+def _sequence_log_rho(log_rho: torch.Tensor) -> torch.Tensor:
+    return log_rho.sum(-1, keepdim=True)
+
+
+@register_correction("token_tis")
+def token_tis(log_rho, mask, config) -> torch.Tensor:
+    """Token-level truncated IS: w_t = min(ρ_t, C), ρ_t = π_prox(y_t)/μ(y_t). Returns ``[B, T]``.
+
+    TIS, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training",
+    https://fengyao.notion.site/off-policy-rl ; GRPO-Token-TIS in https://arxiv.org/abs/2510.26788.
+    """
+    return _truncate(log_rho, config.correction_cap)
+
+
+@register_correction("token_mis")
+def token_mis(log_rho, mask, config) -> torch.Tensor:
+    """Token-level masked IS: w_t = ρ_t·1{ρ_t ≤ C}. Returns ``[B, T]``.
+
+    Drops the tokens whose mismatch is too large instead of clamping them, so they add no biased
+    gradient (one of the corrections compared in https://arxiv.org/abs/2510.26788).
+    """
+    return _mask(log_rho, config.correction_cap)
+
+
+@register_correction("seq_tis")
+def seq_tis(log_rho, mask, config) -> torch.Tensor:
+    """Sequence-level truncated IS: w = min(ρ, C), ρ = Π_t π_prox(y_t)/μ(y_t) over masked tokens.
+
+    With C = inf this is the unbiased sequence IS weight (the FP16 paper's PG-Seq-IS); with finite C it
+    is PG-Seq-TIS, https://arxiv.org/abs/2510.26788. Returns ``[B, 1]``.
+    """
+    return _truncate(_sequence_log_rho(log_rho), config.correction_cap)
+
+
+@register_correction("seq_mis")
+def seq_mis(log_rho, mask, config) -> torch.Tensor:
+    """Sequence-level masked IS: w = ρ·1{ρ ≤ C}, ρ = Π_t π_prox(y_t)/μ(y_t) over masked tokens.
+
+    A whole sequence is dropped when its likelihood ratio exceeds C (PG-Seq-MIS / GRPO-Seq-MIS in
+    https://arxiv.org/abs/2510.26788). Returns ``[B, 1]``.
+    """
+    return _mask(_sequence_log_rho(log_rho), config.correction_cap)
+
+
+@register_correction("icepop")
+def icepop(log_rho, mask, config) -> torch.Tensor:
+    """IcePop: keep a token's weight only inside a band, w_t = ρ_t·1{floor ≤ ρ_t ≤ C}.
+
+    Ring-1T / IcePop, https://arxiv.org/abs/2510.18855 (it discards tokens whose train/inference
+    probability ratio leaves [α, β]; ``correction_floor`` = α, ``correction_cap`` = β). Returns
+    ``[B, T]``.
+    """
+    return _mask(log_rho, config.correction_cap, config.correction_floor)

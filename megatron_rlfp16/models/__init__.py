@@ -1,0 +1,15 @@
+"""Model construction: HF config -> Megatron ``TransformerConfig`` / ``GPTModel``."""
+from megatron_rlfp16.models.builder import build_model, causal_mask, layer_spec, transformer_config
+from megatron_rlfp16.models.hf_config import (
+    FAMILIES,
+    ConfigError,
+    ModelArch,
+    check_layout,
+    parse_hf_config,
+    read_config_json,
+)
+
+__all__ = [
+    "FAMILIES", "ConfigError", "ModelArch", "build_model", "causal_mask", "check_layout",
+    "layer_spec", "parse_hf_config", "read_config_json", "transformer_config",
+]

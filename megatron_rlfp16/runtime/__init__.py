@@ -1,0 +1,134 @@
+"""One entry point for torch.distributed and Megatron's parallel state, on GPU or CPU.
+
+``init_runtime(ParallelConfig(tp=2, pp=1, ep=1))`` works the same under ``torchrun`` (reads the
+usual ``RANK``/``WORLD_SIZE``/``MASTER_*`` variables) and in a plain single process (a world of one).
+On a machine without CUDA it uses gloo and installs :mod:`megatron_rlfp16.runtime.cpu` first.
+Tests, tools and examples all go through here so that they exercise one initialization path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(kw_only=True)
+class ParallelConfig:
+    """Model-parallel layout. The data-parallel size is whatever the world leaves over."""
+
+    tp: int = 1
+    """Tensor-parallel size (attention heads, MLP columns and the vocabulary are split across it)."""
+    pp: int = 1
+    """Pipeline-parallel size (decoder layers are split into this many stages)."""
+    ep: int = 1
+    """Expert-parallel size for MoE layers (experts are split across it, inside data parallel)."""
+    etp: Optional[int] = None
+    """Expert tensor-parallel size; None means the same as ``tp`` (Megatron's default)."""
+
+    def validate(self, world_size: int) -> None:
+        for field in ("tp", "pp", "ep"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ParallelConfig.{field}={value!r}: must be an integer >= 1")
+        if self.etp is not None and (not isinstance(self.etp, int) or self.etp < 1):
+            raise ValueError(f"ParallelConfig.etp={self.etp!r}: must be None or an integer >= 1")
+        if world_size % (self.tp * self.pp) != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp}; "
+                "choose sizes whose product divides the number of ranks"
+            )
+        etp = self.etp or self.tp
+        if world_size % (etp * self.ep * self.pp) != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by etp*ep*pp = {etp}*{self.ep}*{self.pp}"
+            )
+
+    def dp(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    """The device this rank computes on: its CUDA device, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_runtime(
+    parallel: Optional[ParallelConfig] = None,
+    *,
+    seed: int = 1234,
+    backend: Optional[str] = None,
+    timeout_minutes: float = 30.0,
+) -> ParallelConfig:
+    """Initializes torch.distributed (if needed) and Megatron's model-parallel groups.
+
+    Returns the validated ``ParallelConfig``. Calling it again with the same layout is a no-op;
+    with a different layout it rebuilds Megatron's groups on the existing world.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel = parallel or ParallelConfig()
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        from megatron_rlfp16.runtime import cpu
+
+        cpu.install()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain process: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=backend or ("nccl" if on_gpu else "gloo"),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    world = dist.get_world_size()
+    parallel.validate(world)
+    if parallel_state.model_parallel_is_initialized():
+        if _current_layout() == (parallel.tp, parallel.pp, parallel.ep, parallel.etp or parallel.tp):
+            return parallel
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp or parallel.tp,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return parallel
+
+
+def _current_layout():
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_world_size(),
+    )
+
+
+def shutdown_runtime() -> None:
+    """Destroys Megatron's groups and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

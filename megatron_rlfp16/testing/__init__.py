@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: real local ranks, tiny Hugging Face models made at run time."""
