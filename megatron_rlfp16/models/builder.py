@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_rlfp16.models.hf_config import ModelArch, check_layout, parse_hf_config
+from megatron_rlfp16.models.norm import RMSNorm, with_rms_norm
 
 SPECS = ("auto", "local", "te")
 
@@ -79,7 +80,9 @@ def transformer_config(
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
-        sequence_parallel=False,
+        # Megatron refuses to train MoE under TP without sequence parallelism (it would replicate
+        # every token's expert work on each TP rank); sequences must then be a multiple of tp long.
+        sequence_parallel=arch.is_moe and tp > 1,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         fp16=params_dtype == torch.float16,
@@ -120,7 +123,19 @@ def layer_spec(arch: ModelArch, spec: str = "auto"):
     kwargs = dict(num_experts=arch.num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm)
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**kwargs)
-    return gpt_layer_specs.get_gpt_layer_local_spec(**kwargs, normalization="RMSNorm")
+    return with_rms_norm(gpt_layer_specs.get_gpt_layer_local_spec(**kwargs, normalization="RMSNorm"))
+
+
+def block_spec(arch: ModelArch, config, spec: str = "auto"):
+    """This stage's ``TransformerBlockSubmodules``; on the local spec the final norm is our RMSNorm."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = layer_spec(arch, spec)
+    if layer.submodules.input_layernorm is not RMSNorm:
+        return layer  # TransformerEngine: Megatron picks its own final norm
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm
+    )
 
 
 def build_model(
@@ -140,7 +155,7 @@ def build_model(
     config = transformer_config(arch, params_dtype=params_dtype, overrides=config_overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, spec),
+        transformer_layer_spec=block_spec(arch, config, spec),
         vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),

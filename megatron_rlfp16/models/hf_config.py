@@ -116,6 +116,10 @@ def parse_hf_config(cfg: Mapping[str, Any]) -> ModelArch:
     for flag in ("attention_bias", "mlp_bias"):
         if family == "llama" and cfg.get(flag):
             raise ConfigError(f"config field {flag!r}=True is not supported for llama; supported: False")
+    if family == "mixtral" and cfg.get("sliding_window"):
+        raise ConfigError(
+            f"config field 'sliding_window'={cfg['sliding_window']!r} is not supported; supported: null"
+        )
     if cfg.get("use_sliding_window"):
         raise ConfigError("config field 'use_sliding_window'=True is not supported; supported: False")
     hidden = int(_get(cfg, "hidden_size"))
@@ -138,7 +142,8 @@ def parse_hf_config(cfg: Mapping[str, Any]) -> ModelArch:
                 "supported: 1"
             )
         moe = dict(
-            num_experts=int(_get(cfg, "num_experts")),
+            # transformers >= 5 spells it num_local_experts; 4.x num_experts.
+            num_experts=int(cfg.get("num_local_experts") or _get(cfg, "num_experts")),
             moe_topk=int(_get(cfg, "num_experts_per_tok")),
             moe_ffn_hidden_size=int(_get(cfg, "moe_intermediate_size")),
             moe_renormalize=bool(cfg.get("norm_topk_prob", True)),

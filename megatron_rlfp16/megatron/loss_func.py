@@ -1,0 +1,171 @@
+"""The RL policy loss as a Megatron ``forward_step`` / loss function, with global denominators.
+
+How the pieces compose with ``forward_backward_func`` (megatron-core 0.16.1, checked in
+``pipeline_parallel/schedules.py::forward_step_calc_loss`` and ``distributed/finalize_model_grads.py``):
+
+1. Before any forward, the step's global counts N (response tokens) and Q (non-empty sequences) are
+   summed over all its micro-batches and all-reduced over the data-parallel group
+   (``global_counts``). Every micro-batch's ``policy_loss`` divides by these: the loss of micro-batch
+   k on DP rank r is ℓ_{k,r} and Σ_{k,r} ℓ_{k,r} = L, the policy loss of the whole global batch.
+2. The loss function returns Megatron's per-token 3-tuple ``(N·ℓ_{k,r}, n_{k,r}, metrics)`` with
+   n_{k,r} the micro-batch's own token count, and the model config has
+   ``calculate_per_token_loss=True``. With that flag the schedule leaves a 3-tuple's loss as it is
+   (no division by the micro-batch's tokens or by ``num_microbatches``), Megatron's DDP *sums*
+   gradients over DP (``gradient_scaling_factor = 1``), and ``finalize_model_grads`` divides the
+   summed gradient by Σ_{k,r} n_{k,r} = N. Net factor: N / N = 1, so the reduced gradient is
+   exactly ∇L for every aggregation (the scaling by N is what makes the per-token convention carry
+   sequence-level denominators too). This is stock Megatron-LM's ``--calculate-per-token-loss``
+   path, so the same loss function works in Megatron-LM's own training loop.
+
+If the counts were instead taken per micro-batch, each micro-batch's tokens would be weighted by
+1/(its own size): the objective would change with the way the batch was split (docs/losses.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_rlfp16.logprobs import next_token_logprobs
+from megatron_rlfp16.losses import PolicyLossConfig, policy_loss
+from megatron_rlfp16.megatron.batch import MicroBatch, model_inputs, to_device
+
+_DEFAULT = object()
+MAX_METRICS = ("ratio_max", "correction_weight_max")
+"""Metrics reduced with max (reported as one-element tensors); the others are token-weighted means
+reported as Megatron-LM's ``[sum, count]`` pairs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalCounts:
+    """The denominators of one optimizer step, equal on every rank."""
+
+    num_tokens: torch.Tensor
+    """0-dim float32: response tokens (``loss_mask`` entries) over all micro-batches and DP ranks."""
+    num_seqs: torch.Tensor
+    """0-dim float32: sequences with at least one response token, same scope."""
+
+
+def global_counts(micro_batches: Sequence[MicroBatch], dp_group=None) -> GlobalCounts:
+    """Sums the step's token and sequence counts over ``micro_batches`` and the ``dp_group``.
+
+    Collective over ``dp_group`` (None: no reduction). Integer sums, so the result does not depend on
+    the reduction order; at least 1 each, so an all-padding step divides by 1 instead of 0.
+    """
+    counts = torch.zeros(2, dtype=torch.int64)
+    for mb in micro_batches:
+        mask = mb["loss_mask"] != 0
+        counts[0] += mask.sum().cpu()
+        counts[1] += mask.any(-1).sum().cpu()
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        device = _comm_device()
+        counts = counts.to(device)
+        dist.all_reduce(counts, group=dp_group)
+    counts = counts.clamp(min=1).to(torch.float32)
+    return GlobalCounts(num_tokens=counts[0], num_seqs=counts[1])
+
+
+def _comm_device() -> torch.device:
+    from megatron_rlfp16.runtime import device
+
+    return device()
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    tp_group=_DEFAULT,
+):
+    """``next_token_logprobs`` on Megatron's vocabulary-parallel logits ``[B, S, V_padded/TP]``.
+
+    The outermost API: ``tp_group`` defaults to Megatron's tensor-parallel group; the shard's first
+    column is ``tp_rank · V_padded/TP`` (Megatron's contiguous split).
+    """
+    if tp_group is _DEFAULT:
+        from megatron.core import parallel_state as ps
+
+        tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    return next_token_logprobs(
+        logits, input_ids, vocab_size=vocab_size, tp_group=tp_group, temperature=temperature,
+        with_entropy=with_entropy, chunk_size=chunk_size,
+    )
+
+
+def rl_loss_func(
+    batch: MicroBatch,
+    output_tensor: torch.Tensor,
+    *,
+    loss_config: PolicyLossConfig,
+    counts: GlobalCounts,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+    compute_entropy: bool = False,
+    tp_group=_DEFAULT,
+):
+    """Megatron loss function for one micro-batch: ``(N·loss, n_local, metrics)`` (module docstring).
+
+    ``output_tensor`` is the last stage's logits ``[B, S, V_padded/TP]``. Needs
+    ``calculate_per_token_loss=True`` in the model config (``wrap_ddp`` sets it).
+    """
+    with_entropy = compute_entropy or loss_config.entropy_coef != 0
+    out = token_logprobs(
+        output_tensor, batch["input_ids"], vocab_size=vocab_size, temperature=temperature,
+        with_entropy=with_entropy, chunk_size=chunk_size, tp_group=tp_group,
+    )
+    logprobs, entropy = out if with_entropy else (out, None)
+    mask = batch["loss_mask"] != 0
+    loss, metrics = policy_loss(
+        logprobs, batch.get("old_logprobs"), batch.get("rollout_logprobs"), batch["advantages"], mask,
+        loss_config, ref_logprobs=batch.get("ref_logprobs"), entropy=entropy,
+        num_tokens=counts.num_tokens.to(logprobs.device), num_seqs=counts.num_seqs.to(logprobs.device),
+    )
+    n_local = mask.sum().to(torch.int)
+    scaled = loss * counts.num_tokens.to(loss.device)
+    reported: Dict[str, torch.Tensor] = {"loss": torch.stack([scaled.detach(), n_local.to(loss.dtype)])}
+    for key, value in metrics.items():
+        if key in MAX_METRICS:
+            reported[key] = value.view(1)
+        else:
+            reported[key] = torch.stack([value * n_local, n_local.to(value.dtype)])
+    return scaled, n_local, reported
+
+
+def make_forward_step(
+    loss_config: PolicyLossConfig,
+    counts: GlobalCounts,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+    compute_entropy: bool = False,
+):
+    """A ``forward_step_func(data_iterator, model)`` for ``forward_backward_func``.
+
+    The iterator yields micro-batch dicts (``megatron_rlfp16.megatron.batch``); every pipeline stage
+    reads them (only the first uses ``input_ids`` for the embedding, only the last the loss keys).
+    """
+    loss_config.validate()
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+
+    def forward_step(data_iterator, model):
+        from megatron_rlfp16.runtime import device
+
+        batch = to_device(next(data_iterator), device())
+        ids, pos, mask = model_inputs(batch, device())
+        output = model(ids, pos, attention_mask=mask)
+        return output, functools.partial(
+            rl_loss_func, batch, loss_config=loss_config, counts=counts, vocab_size=vocab_size,
+            temperature=temperature, chunk_size=chunk_size, compute_entropy=compute_entropy,
+        )
+
+    return forward_step
