@@ -1,0 +1,131 @@
+"""Megatron-Core distributed checkpoints with the HF config they were made from.
+
+A checkpoint directory holds Megatron's ``dist_checkpointing`` files (sharded, layout-independent: one
+saved at TP=2 loads at TP=1 or PP=2) plus ``rlfp16.json`` with the Hugging Face config and the dtype,
+so that export needs nothing but the directory. Saves go to a temporary sibling directory that is
+renamed into place once every rank has finished: an interrupted save leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_rlfp16.checkpoint.hf_io import copy_side_files
+
+META_NAME = "rlfp16.json"
+FORMAT_VERSION = 1
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_str(value: Optional[str]) -> str:
+    box = [value]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def read_meta(ckpt_dir: str) -> Dict[str, Any]:
+    """The ``rlfp16.json`` of a checkpoint, with errors that name the directory."""
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"--megatron-dir {ckpt_dir!r} is not a directory")
+    path = os.path.join(ckpt_dir, META_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{ckpt_dir!r} has no {META_NAME}: not a checkpoint written by megatron-rlfp16 "
+            "(tools/convert_checkpoint.py import makes one)"
+        )
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version={meta.get('format_version')!r}; supported: {FORMAT_VERSION}")
+    return meta
+
+
+def save_megatron_checkpoint(
+    model,
+    ckpt_dir: str,
+    *,
+    hf_config: Dict[str, Any],
+    extra_state: Optional[Dict[str, Any]] = None,
+    overwrite: bool = False,
+    copy_files_from: Optional[str] = None,
+) -> None:
+    """Collective: saves ``model`` (plus ``extra_state``, a sharded-state-dict fragment such as the
+    optimizer's) to ``ckpt_dir`` atomically. Tokenizer/generation files found in ``copy_files_from``
+    are kept with it so that a later export can hand them on."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rlfp16.bridge.context import unwrap
+
+    target = os.path.abspath(ckpt_dir)
+    error = None
+    if _is_rank0() and os.path.exists(target) and not overwrite:
+        error = f"{target!r} already exists; pass --overwrite to replace it"
+    error = _broadcast_str(error)
+    if error:
+        raise FileExistsError(error)
+    tmp = _broadcast_str(target + f".tmp-{os.getpid()}" if _is_rank0() else None)
+    try:
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        bare = unwrap(model)
+        sharded = {"model": bare.sharded_state_dict()}
+        if extra_state:
+            sharded.update(extra_state)
+        dist_checkpointing.save(sharded, tmp)
+        _barrier()
+        if _is_rank0():
+            dtype = next(bare.parameters()).dtype
+            meta = dict(format_version=FORMAT_VERSION, hf_config=hf_config,
+                        dtype=str(dtype).removeprefix("torch."))
+            with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2)
+            copy_side_files(copy_files_from, tmp)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        _barrier()
+    except BaseException:
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_megatron_checkpoint(model, ckpt_dir: str, *, extra_state: Optional[Dict[str, Any]] = None) -> Dict:
+    """Collective: loads the model weights saved by :func:`save_megatron_checkpoint` into ``model``
+    (any TP/PP/EP layout). Returns the loaded ``extra_state`` entries."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rlfp16.bridge.context import unwrap
+
+    read_meta(ckpt_dir)
+    bare = unwrap(model)
+    sharded = {"model": bare.sharded_state_dict()}
+    if extra_state:
+        sharded.update(extra_state)
+    loaded = dist_checkpointing.load(sharded, ckpt_dir)
+    missing, unexpected = bare.load_state_dict(loaded.pop("model"), strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt_dir}: checkpoint does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return loaded
+
+
+def checkpoint_dtype(meta: Dict[str, Any]) -> torch.dtype:
+    return getattr(torch, meta.get("dtype", "float32"))

@@ -1,0 +1,177 @@
+"""Command-line flags for Megatron-LM: ``add_rl_args`` is an ``extra_args_provider``.
+
+``pretrain(..., extra_args_provider=add_rl_args)`` adds the group "RL (megatron-rlfp16)" to
+Megatron-LM's parser; ``loss_config_from_args(args)`` turns the parsed namespace into a validated
+``PolicyLossConfig`` and ``rl_config_from_args(args)`` adds the rollout-side settings (advantage
+estimator, group size, sampling temperature). Defaults are read from ``PolicyLossConfig`` itself and
+choices from the loss registries at the time ``add_rl_args`` is called, so a loss registered before
+that is a valid ``--rl-loss``. Imports no Megatron.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from typing import List, Optional, Union
+
+from megatron_rlfp16.losses import PolicyLossConfig
+from megatron_rlfp16.losses.registry import (
+    ADVANTAGE_ESTIMATORS,
+    AGGREGATIONS,
+    CORRECTIONS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+)
+
+GROUP_TITLE = "RL (megatron-rlfp16)"
+NONE = "none"
+
+
+@dataclasses.dataclass(kw_only=True)
+class RLConfig:
+    """The policy loss plus the settings the rollout and advantage stages share with it."""
+
+    loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+    """The policy loss."""
+    advantage_estimator: str = "grpo"
+    """Group-relative advantage estimator: "grpo", "drgrpo", "rloo" or a registered name."""
+    group_size: int = 8
+    """Responses sampled per prompt (the group the advantage baseline is taken over)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout; the trainer scores log-probs at the same temperature
+    (softmax(logits / T)) so that every ratio compares the same distribution."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "RLConfig":
+        self.loss.validate()
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"RLConfig.advantage_estimator={self.advantage_estimator!r} is invalid; valid: "
+                f"{ADVANTAGE_ESTIMATORS.names()}"
+            )
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"RLConfig.group_size={self.group_size!r} is invalid; valid: an int >= 1")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"RLConfig.temperature={self.temperature!r} is invalid; valid: a finite number > 0")
+        return self
+
+
+def _optional_float(text: str) -> Optional[float]:
+    if text.strip().lower() == NONE:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor {NONE!r}") from None
+
+
+# PolicyLossConfig field -> flag; the order is the order of --help.
+_LOSS_FLAGS = {
+    "loss": "--rl-loss",
+    "clip_low": "--rl-clip-low",
+    "clip_high": "--rl-clip-high",
+    "dual_clip": "--rl-dual-clip",
+    "correction": "--rl-correction",
+    "correction_cap": "--rl-correction-cap",
+    "correction_floor": "--rl-correction-floor",
+    "agg": "--rl-agg",
+    "norm_length": "--rl-norm-length",
+    "kl_coef": "--rl-kl-coef",
+    "kl_estimator": "--rl-kl-estimator",
+    "entropy_coef": "--rl-entropy-coef",
+}
+_RL_FLAGS = {
+    "advantage_estimator": "--rl-advantage-estimator",
+    "group_size": "--rl-group-size",
+    "temperature": "--rl-temperature",
+}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the "RL (megatron-rlfp16)" flags to ``parser`` and returns it (Megatron-LM's
+    ``extra_args_provider`` contract)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(PolicyLossConfig)}
+    defaults.update({f.name: f.default for f in dataclasses.fields(RLConfig) if f.name != "loss"})
+    g = parser.add_argument_group(
+        title=GROUP_TITLE,
+        description="RL policy loss and rollout settings (PolicyLossConfig / RLConfig; see docs/losses.md).",
+    )
+
+    def add(flag, field, text, **kwargs):
+        shown = NONE if defaults[field] is None else defaults[field]
+        g.add_argument(flag, dest=_dest(flag), default=defaults[field], help=f"{text} (default: {shown})",
+                       **kwargs)
+
+    add("--rl-loss", "loss", "per-token policy objective", choices=POLICY_LOSSES.names())
+    add("--rl-clip-low", "clip_low", "lower ratio clip: ratios below 1 - clip_low are clipped", type=float)
+    add("--rl-clip-high", "clip_high", "upper ratio clip: ratios above 1 + clip_high are clipped", type=float)
+    add("--rl-dual-clip", "dual_clip", "dual-clip constant c > 1 for ppo_clip, or none",
+        type=_optional_float, metavar="C|none")
+    add("--rl-correction", "correction", "rollout (training-inference mismatch) correction",
+        choices=(NONE,) + CORRECTIONS.names())
+    add("--rl-correction-cap", "correction_cap", "cap C on the importance weight (inf = uncapped)", type=float)
+    add("--rl-correction-floor", "correction_floor", "lower bound on the token weight for icepop", type=float)
+    add("--rl-agg", "agg", "aggregation of per-token losses (global denominators)",
+        choices=AGGREGATIONS.names())
+    add("--rl-norm-length", "norm_length", "constant length L for seq-mean-token-sum-norm, or none (padded T)",
+        type=_optional_float, metavar="L|none")
+    add("--rl-kl-coef", "kl_coef", "weight of the KL penalty to the reference policy", type=float)
+    add("--rl-kl-estimator", "kl_estimator", "per-token KL estimator", choices=KL_ESTIMATORS.names())
+    add("--rl-entropy-coef", "entropy_coef", "weight of the entropy bonus", type=float)
+    add("--rl-advantage-estimator", "advantage_estimator", "group-relative advantage estimator",
+        choices=ADVANTAGE_ESTIMATORS.names())
+    add("--rl-group-size", "group_size", "responses sampled per prompt", type=int)
+    add("--rl-temperature", "temperature", "sampling temperature; log-probs are scored at the same T",
+        type=float)
+    return parser
+
+
+def _reraise_with_flag(err: ValueError, flags: dict, prefix: str) -> ValueError:
+    match = re.match(rf"{prefix}\.(\w+)=", str(err))
+    flag = flags.get(match.group(1)) if match else None
+    return ValueError(f"{flag}: {err}" if flag else str(err))
+
+
+def loss_config_from_args(args: argparse.Namespace) -> PolicyLossConfig:
+    """The validated ``PolicyLossConfig`` of parsed ``--rl-*`` flags; a bad value raises ValueError
+    naming the flag, the value and what is valid."""
+    missing = [flag for flag in _LOSS_FLAGS.values() if not hasattr(args, _dest(flag))]
+    if missing:
+        raise ValueError(f"args lacks {missing}: was the parser built with add_rl_args?")
+    try:
+        values = {field: getattr(args, _dest(flag)) for field, flag in _LOSS_FLAGS.items()}
+        if values["correction"] == NONE:
+            values["correction"] = None
+        return PolicyLossConfig(**values)
+    except ValueError as err:
+        raise _reraise_with_flag(err, _LOSS_FLAGS, "PolicyLossConfig") from None
+
+
+def rl_config_from_args(args: argparse.Namespace) -> RLConfig:
+    """``RLConfig`` (loss config plus advantage estimator, group size, temperature) of parsed flags."""
+    loss = loss_config_from_args(args)
+    try:
+        return RLConfig(loss=loss, **{field: getattr(args, _dest(flag)) for field, flag in _RL_FLAGS.items()})
+    except ValueError as err:
+        raise _reraise_with_flag(err, _RL_FLAGS, "RLConfig") from None
+
+
+def rl_argv(config: Union[PolicyLossConfig, RLConfig]) -> List[str]:
+    """The ``--rl-*`` command line that parses back to ``config`` (e.g. to launch a Megatron-LM job)."""
+    argv: List[str] = []
+    loss = config.loss if isinstance(config, RLConfig) else config
+    for field, flag in _LOSS_FLAGS.items():
+        value = getattr(loss, field)
+        argv += [flag, NONE if value is None else repr(value) if isinstance(value, float) else str(value)]
+    if isinstance(config, RLConfig):
+        for field, flag in _RL_FLAGS.items():
+            value = getattr(config, field)
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv

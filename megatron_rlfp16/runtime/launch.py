@@ -1,0 +1,151 @@
+"""Runs a function on N real local ranks (one process each) and returns what each rank returned.
+
+Used by the tools when started with plain ``python`` (they start their own ranks) and by the tests.
+
+Each rank gets the usual torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT`` on a free port), so the function under test initializes exactly as it
+would under ``torchrun``. A rank that raises sends its traceback back, and the caller's exception
+shows it; a run that exceeds ``timeout`` kills every rank.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from typing import Any, Callable
+
+from megatron_rlfp16.runtime import free_port
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks failed; ``str()`` holds each failing rank's traceback."""
+
+    def __init__(self, message: str, failures: dict | None = None):
+        super().__init__(message)
+        self.failures = failures or {}
+
+    def summary(self) -> str:
+        """The exception line of the first failing rank (what a command-line user needs to see)."""
+        for _, tb in sorted(self.failures.items()):
+            lines = [l for l in tb.strip().splitlines() if l.strip()]
+            if lines:
+                return lines[-1]
+        return str(self)
+
+
+def _entry(fn, rank, world_size, port, env, args, kwargs, results):
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    try:
+        out = _to_bytes(fn(*args, **kwargs))
+        results.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            from megatron_rlfp16.runtime import shutdown_runtime
+
+            shutdown_runtime()
+        except Exception:
+            pass
+
+
+def run_on_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args,
+    timeout: float = 600.0,
+    env: dict | None = None,
+    **kwargs,
+) -> list:
+    """Calls ``fn(*args, **kwargs)`` on ``world_size`` fresh processes; returns results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    env = dict(env or {})
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, env, args, kwargs, results), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outputs: dict[int, Any] = {}
+    failures: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outputs) + len(failures) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RankFailure(
+                    f"ranks {sorted(set(range(world_size)) - set(outputs) - set(failures))} did not "
+                    f"finish within {timeout:.0f} s" + _describe(failures), failures
+                )
+            try:
+                rank, ok, payload = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
+                        and r not in outputs and r not in failures]
+                if dead:
+                    time.sleep(0.5)  # a failing rank's traceback may still be in flight
+                    while not results.empty():
+                        rank, ok, payload = results.get()
+                        if ok:
+                            outputs[rank] = _from_bytes(payload)
+                        else:
+                            failures[rank] = payload
+                    for r in dead:
+                        failures.setdefault(r, f"process exited with code {procs[r].exitcode}")
+                    if failures:
+                        raise RankFailure(_describe(failures), failures)
+                continue
+            if ok:
+                outputs[rank] = _from_bytes(payload)
+            else:
+                failures[rank] = payload
+                raise RankFailure(_describe(failures), failures)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not failures else 1)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outputs[r] for r in range(world_size)]
+
+
+def _to_bytes(obj) -> bytes:
+    # Serialized here, in the rank, so an unpicklable result fails this rank with a traceback
+    # instead of dying silently in the queue's feeder thread; tensors travel detached.
+    import io
+
+    import torch
+
+    def detach(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone()
+        if isinstance(x, dict):
+            return {k: detach(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(detach(v) for v in x)
+        return x
+
+    buf = io.BytesIO()
+    torch.save(detach(obj), buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes):
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _describe(failures: dict[int, str]) -> str:
+    return "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))

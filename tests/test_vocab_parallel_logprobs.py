@@ -1,0 +1,142 @@
+"""Vocabulary-parallel log-probs / entropy against ``torch.log_softmax`` on the gathered logits.
+
+The reference is autograd through the naive computation: upcast the full, unpadded logits to FP32,
+divide by T, ``log_softmax``, gather; entropy −Σ p log p. TP ranks are real processes (gloo); each
+gets its column shard of the same padded logits, with garbage in the padded columns.
+"""
+import pytest
+import torch
+
+from megatron_rlfp16.logprobs import next_token_logprobs, vocab_parallel_logprobs
+from megatron_rlfp16.testing.distributed import run_on_ranks
+
+# dtype -> tolerance on log-probs / entropy (FP32 maths on rounded inputs: tight for every dtype)
+# and on gradients (rounded to the logits' dtype on the way out).
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+CASES = [
+    # dtype, temperature, chunk_size (21 tokens: 4 and 5 do not divide it), with_entropy
+    (torch.float32, 1.0, 4, True),
+    (torch.float32, 0.7, None, True),
+    (torch.bfloat16, 1.0, 5, True),
+    (torch.bfloat16, 1.3, 4, False),
+    (torch.float16, 0.6, 4, True),
+    (torch.float16, 1.0, 21, False),
+]
+
+
+def _logits(vocab: int, padded: int, dtype, seed: int = 0, shape=(3, 7)):
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(*shape, padded, generator=g) * 4.0
+    full[..., vocab:] = 40.0  # padded columns: large enough to dominate if they were not excluded
+    target = torch.randint(0, vocab, shape, generator=g)
+    g1, g2 = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    return full.to(dtype), target, g1, g2
+
+
+def _reference(full, target, vocab, temperature, g1, g2):
+    """Naive FP32 log_softmax on the unpadded logits; gradient w.r.t. the full (padded) logits."""
+    x = full.detach().float().requires_grad_()
+    logp = torch.log_softmax(x[..., :vocab] / temperature, dim=-1)
+    lp = logp.gather(-1, target[..., None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    (lp * g1 + ent * g2).sum().backward()
+    grad_lp_only = torch.autograd.grad((torch.log_softmax(x[..., :vocab] / temperature, -1)
+                                        .gather(-1, target[..., None]).squeeze(-1) * g1).sum(), x)[0]
+    return lp.detach(), ent.detach(), x.grad, grad_lp_only
+
+
+def _shard_run(full, target, vocab, temperature, chunk, with_entropy, g1, g2, group=None):
+    """Runs one shard (this rank's columns of ``full``); returns values, local grad, inputs intact."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size(group) if group is not None else 1
+    rank = dist.get_rank(group) if group is not None else 0
+    width = full.shape[-1] // size
+    local = full[..., rank * width:(rank + 1) * width].clone().requires_grad_()
+    before = local.detach().clone()
+    out = vocab_parallel_logprobs(local, target, vocab_size=vocab, tp_group=group,
+                                  temperature=temperature, chunk_size=chunk, with_entropy=with_entropy)
+    lp, ent = out if with_entropy else (out, None)
+    loss = (lp * g1).sum() + ((ent * g2).sum() if with_entropy else 0)
+    loss.backward()
+    return dict(lp=lp.detach(), ent=None if ent is None else ent.detach(), grad=local.grad,
+                unchanged=torch.equal(before, local.detach()), dtype_ok=lp.dtype == torch.float32)
+
+
+def _tp_worker(cases, vocab, padded):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    out = []
+    for i, (dtype, temperature, chunk, with_entropy) in enumerate(cases):
+        full, target, g1, g2 = _logits(vocab, padded, dtype, seed=i)
+        out.append(_shard_run(full, target, vocab, temperature, chunk, with_entropy, g1, g2,
+                              group=dist.group.WORLD))
+    return out
+
+
+def _check(results, i, dtype, temperature, chunk, with_entropy, vocab, padded):
+    full, target, g1, g2 = _logits(vocab, padded, dtype, seed=i)
+    lp_ref, ent_ref, grad_ref, grad_lp_ref = _reference(full, target, vocab, temperature, g1, g2)
+    for r in results:  # every rank has the full answer
+        assert r["unchanged"] and r["dtype_ok"]
+        torch.testing.assert_close(r["lp"], lp_ref, atol=2e-5, rtol=1e-5)
+        if with_entropy:
+            torch.testing.assert_close(r["ent"], ent_ref, atol=2e-5, rtol=1e-5)
+    grad = torch.cat([r["grad"] for r in results], dim=-1)
+    assert grad.dtype == dtype
+    expected = grad_ref if with_entropy else grad_lp_ref
+    assert torch.all(grad[..., vocab:] == 0), "padded columns must get no gradient"
+    torch.testing.assert_close(grad.float(), expected, atol=GRAD_TOL[dtype], rtol=GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("i,case", list(enumerate(CASES)))
+def test_single_shard_matches_log_softmax(i, case):
+    dtype, temperature, chunk, with_entropy = case
+    full, target, g1, g2 = _logits(300, 384, dtype, seed=i)
+    res = _shard_run(full, target, 300, temperature, chunk, with_entropy, g1, g2)
+    _check([res], i, dtype, temperature, chunk, with_entropy, 300, 384)
+
+
+def test_tp2_matches_gathered_log_softmax():
+    results = run_on_ranks(_tp_worker, 2, CASES, 300, 384, timeout=120)
+    for i, case in enumerate(CASES):
+        _check([r[i] for r in results], i, *case, 300, 384)
+
+
+def test_tp4_with_a_shard_that_is_all_padding():
+    # vocab 130 padded to 256: rank 2 holds 2 real columns, rank 3 none at all.
+    cases = [(torch.float32, 0.9, 3, True), (torch.bfloat16, 1.0, None, False)]
+    results = run_on_ranks(_tp_worker, 4, cases, 130, 256, timeout=120)
+    for i, case in enumerate(cases):
+        _check([r[i] for r in results], i, *case, 130, 256)
+
+
+def test_fp32_input_is_not_modified_and_no_full_fp32_copy_is_saved():
+    full, target, g1, _ = _logits(300, 384, torch.float32)
+    x = full.clone().requires_grad_()
+    lp = vocab_parallel_logprobs(x, target, vocab_size=300, temperature=0.5, chunk_size=4)
+    assert torch.equal(x.detach(), full)
+    saved = [t for t in lp.grad_fn.saved_tensors if t.dim() >= 2]
+    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr(), "only the input logits are kept"
+
+
+def test_next_token_alignment():
+    full, ids, _, _ = _logits(300, 384, torch.float32, shape=(2, 6))
+    lp, ent = next_token_logprobs(full, ids, vocab_size=300, temperature=0.8, with_entropy=True)
+    logp = torch.log_softmax(full[..., :300] / 0.8, -1)
+    assert torch.all(lp[:, 0] == 0) and torch.all(ent[:, 0] == 0)
+    for b in range(2):
+        for s in range(1, 6):
+            torch.testing.assert_close(lp[b, s], logp[b, s - 1, ids[b, s]])
+            torch.testing.assert_close(ent[b, s], -(logp[b, s - 1].exp() * logp[b, s - 1]).sum())
+
+
+def test_bad_arguments_are_named():
+    full, target, _, _ = _logits(300, 384, torch.float32)
+    with pytest.raises(ValueError, match="temperature"):
+        vocab_parallel_logprobs(full, target, vocab_size=300, temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        vocab_parallel_logprobs(full, target, vocab_size=300, chunk_size=0)
+    with pytest.raises(ValueError, match="target has shape"):
+        vocab_parallel_logprobs(full, target[:, :3], vocab_size=300)
