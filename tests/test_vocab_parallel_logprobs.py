@@ -63,15 +63,16 @@ def _shard_run(full, target, vocab, temperature, chunk, with_entropy, g1, g2, gr
                 unchanged=torch.equal(before, local.detach()), dtype_ok=lp.dtype == torch.float32)
 
 
-def _tp_worker(cases, vocab, padded):
+def _tp_worker(cases):
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     out = []
-    for i, (dtype, temperature, chunk, with_entropy) in enumerate(cases):
+    for i, (dtype, temperature, chunk, with_entropy, vocab, padded) in enumerate(cases):
         full, target, g1, g2 = _logits(vocab, padded, dtype, seed=i)
         out.append(_shard_run(full, target, vocab, temperature, chunk, with_entropy, g1, g2,
                               group=dist.group.WORLD))
+    dist.destroy_process_group()
     return out
 
 
@@ -99,26 +100,35 @@ def test_single_shard_matches_log_softmax(i, case):
 
 
 def test_tp2_matches_gathered_log_softmax():
-    results = run_on_ranks(_tp_worker, 2, CASES, 300, 384, timeout=120)
-    for i, case in enumerate(CASES):
-        _check([r[i] for r in results], i, *case, 300, 384)
-
-
-def test_tp4_with_a_shard_that_is_all_padding():
-    # vocab 130 padded to 256: rank 2 holds 2 real columns, rank 3 none at all.
-    cases = [(torch.float32, 0.9, 3, True), (torch.bfloat16, 1.0, None, False)]
-    results = run_on_ranks(_tp_worker, 4, cases, 130, 256, timeout=120)
+    # Megatron's padding (300 -> 384) for the main cases; then a width of 256 for a vocabulary of
+    # 100, so that rank 1's shard (columns 128..255) holds no real column at all.
+    cases = [case + (300, 384) for case in CASES]
+    cases += [(torch.float32, 0.9, 3, True, 100, 256), (torch.bfloat16, 1.0, None, False, 100, 256)]
+    results = run_on_ranks(_tp_worker, 2, cases, timeout=120)
     for i, case in enumerate(cases):
-        _check([r[i] for r in results], i, *case, 130, 256)
+        _check([r[i] for r in results], i, *case)
 
 
-def test_fp32_input_is_not_modified_and_no_full_fp32_copy_is_saved():
-    full, target, g1, _ = _logits(300, 384, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_for_backward_is_the_input_plus_per_token_stats(dtype):
+    full, target, g1, g2 = _logits(300, 384, dtype)
     x = full.clone().requires_grad_()
-    lp = vocab_parallel_logprobs(x, target, vocab_size=300, temperature=0.5, chunk_size=4)
-    assert torch.equal(x.detach(), full)
-    saved = [t for t in lp.grad_fn.saved_tensors if t.dim() >= 2]
-    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr(), "only the input logits are kept"
+    saved = []
+
+    def pack(t):
+        saved.append((t.data_ptr(), t.numel(), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp, ent = vocab_parallel_logprobs(x, target, vocab_size=300, temperature=0.5, chunk_size=4,
+                                          with_entropy=True)
+    assert torch.equal(x.detach(), full), "fp32 input must not be modified (no in-place upcast)"
+    others = [(n, dt) for ptr, n, dt in saved if ptr != x.data_ptr()]
+    assert any(ptr == x.data_ptr() for ptr, _, _ in saved), "the input logits are saved by reference"
+    tokens = target.numel()
+    assert all(n <= tokens for n, _ in others), f"only per-token tensors besides the input: {others}"
+    (lp * g1 + ent * g2).sum().backward()
+    assert x.grad.dtype == dtype
 
 
 def test_next_token_alignment():
