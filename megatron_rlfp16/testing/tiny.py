@@ -2,7 +2,7 @@
 
 Sizes are chosen to exercise the awkward cases cheaply: a vocabulary that is not a multiple of 128,
 GQA with fewer KV heads than some TP sizes, an explicit ``head_dim`` (Qwen3), experts that split
-evenly over EP=2.
+evenly over EP=2. Head size 32 is the smallest vLLM's CPU attention supports.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def tiny_config(family: str, **overrides):
     import transformers
 
     common = dict(
-        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=300, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
         rms_norm_eps=1e-6, tie_word_embeddings=False,
     )
@@ -29,10 +29,10 @@ def tiny_config(family: str, **overrides):
     elif family == "qwen2":
         cfg = transformers.Qwen2Config(**common)
     elif family == "qwen3":
-        cfg = transformers.Qwen3Config(**common, head_dim=32)
+        cfg = transformers.Qwen3Config(**common, head_dim=48)
     elif family == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(
-            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+            **common, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
         )
     elif family == "mixtral":

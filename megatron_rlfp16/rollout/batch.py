@@ -1,0 +1,47 @@
+"""What a rollout returns, and its layout as training tensors.
+
+Sequences are ``prompt + response``. Training scores ``targets = tokens[:, 1:]`` from the logits at
+``tokens[:, :-1]``, so every per-token tensor here is ``[B, S-1]`` and aligned with the targets:
+``mask`` is 1 on response tokens, ``rollout_logprobs`` holds the engine's log-probs there.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List
+
+import torch
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    prompts: List[List[int]]
+    """One entry per sample (a prompt sampled n times appears n times)."""
+    responses: List[List[int]]
+    logprobs: List[List[float]]
+    """The engine's log-probs of each response token, of the distribution it sampled from."""
+    prompt_index: List[int]
+    """Index of each sample's prompt in the request (groups of n for GRPO)."""
+    finished: List[bool]
+    """True where the response ended by a stop token, False where it hit max_tokens."""
+    skipped: List[int] = dataclasses.field(default_factory=list)
+    """Indices of requested prompts that were not generated (empty, or too long for the engine)."""
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    def to_tensors(self, pad_id: int = 0, pad_to_multiple: int = 1):
+        """``tokens [B, S]``, ``mask [B, S-1]`` (float 0/1), ``rollout_logprobs [B, S-1]``, padded on
+        the right; ``S`` rounded up to ``pad_to_multiple`` (sequence parallelism needs S % tp == 0)."""
+        lengths = [len(p) + len(r) for p, r in zip(self.prompts, self.responses)]
+        s = max(lengths) if lengths else 1
+        s = -(-s // pad_to_multiple) * pad_to_multiple
+        b = len(self)
+        tokens = torch.full((b, s), pad_id, dtype=torch.long)
+        mask = torch.zeros(b, s - 1)
+        logprobs = torch.zeros(b, s - 1)
+        for i, (p, r, lp) in enumerate(zip(self.prompts, self.responses, self.logprobs)):
+            tokens[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+            lo, hi = len(p) - 1, len(p) - 1 + len(r)
+            mask[i, lo:hi] = 1.0
+            logprobs[i, lo:hi] = torch.tensor(lp, dtype=torch.float32)
+        return tokens, mask, logprobs

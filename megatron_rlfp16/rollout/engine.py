@@ -1,0 +1,158 @@
+"""A vLLM engine colocated with the trainer's ranks.
+
+Every trainer rank creates the engine in-process (``external_launcher``: the ranks of one rollout
+TP group run identical engines with the same seed and see the same outputs). Its dtype comes from
+the run's ``Precision``, and it returns log-probs of the *processed* distribution (after temperature),
+the one the trainer scores with temperature-scaled logits, so importance ratios compare like with like.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_rlfp16.rollout.batch import RolloutBatch
+
+VLLM_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32",
+               "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+
+
+@dataclasses.dataclass(kw_only=True)
+class RolloutConfig:
+    dtype: str = "float16"
+    """Engine dtype; normally taken from ``PrecisionConfig`` so it cannot drift from the trainer."""
+    tp: int = 1
+    """Rollout tensor-parallel size (independent of the trainer's TP)."""
+    max_model_len: int = 512
+    """Longest prompt + response the engine accepts; longer prompts are skipped and counted."""
+    seed: int = 0
+    gpu_memory_utilization: float = 0.4
+    """Fraction of GPU memory for weights + KV cache (GPU only; colocated with training)."""
+    enable_sleep_mode: Optional[bool] = None
+    """Release weights and KV cache while training (GPU only); None: on when a GPU is present."""
+    enforce_eager: bool = True
+
+    def validate(self) -> None:
+        if self.dtype not in VLLM_DTYPES:
+            raise ValueError(f"RolloutConfig.dtype={self.dtype!r}; valid: {sorted(set(VLLM_DTYPES))}")
+        if self.tp < 1:
+            raise ValueError(f"RolloutConfig.tp={self.tp!r}: must be >= 1")
+        if self.max_model_len < 2:
+            raise ValueError(f"RolloutConfig.max_model_len={self.max_model_len!r}: must be >= 2")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"RolloutConfig.gpu_memory_utilization={self.gpu_memory_utilization!r}: must be in (0, 1]"
+            )
+
+
+class RolloutEngine:
+    """``generate`` for rollouts, ``update_weights`` for in-place refit from the bridge's stream."""
+
+    def __init__(self, hf_dir: str, config: RolloutConfig):
+        config.validate()
+        # The engine must live in this process (the trainer's rank), with deterministic scheduling.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        self.config = config
+        kwargs = dict(
+            model=hf_dir,
+            dtype=VLLM_DTYPES[config.dtype],
+            skip_tokenizer_init=True,
+            enforce_eager=config.enforce_eager,
+            max_model_len=config.max_model_len,
+            seed=config.seed,
+            tensor_parallel_size=config.tp,
+            logprobs_mode="processed_logprobs",
+        )
+        if torch.distributed.is_initialized():
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+            sleep = config.enable_sleep_mode if config.enable_sleep_mode is not None else True
+            kwargs["enable_sleep_mode"] = sleep
+        self.llm = LLM(**kwargs)
+        self.sleeping = False
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 64,
+        stop_token_ids: Optional[List[int]] = None,
+        seed: Optional[int] = None,
+    ) -> RolloutBatch:
+        """Samples ``n`` responses per prompt. Prompts that are empty or leave no room for a response
+        within ``max_model_len`` are skipped and listed in ``RolloutBatch.skipped``."""
+        from vllm import SamplingParams, TokensPrompt
+
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature!r}: must be >= 0")
+        keep, skipped = [], []
+        for i, p in enumerate(prompts):
+            (keep if 0 < len(p) < self.config.max_model_len else skipped).append(i)
+        requests = [TokensPrompt(prompt_token_ids=list(prompts[i])) for i in keep]
+        params = []
+        for j, i in enumerate(keep):
+            room = self.config.max_model_len - len(prompts[i])
+            params.append(SamplingParams(
+                n=n, temperature=temperature, top_p=top_p, max_tokens=min(max_tokens, room),
+                logprobs=0, detokenize=False, stop_token_ids=stop_token_ids,
+                # vLLM seeds the k-th of n samples with seed + k: space prompts n apart.
+                seed=None if seed is None else seed + i * n,
+            ))
+        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        batch = RolloutBatch(prompts=[], responses=[], logprobs=[], prompt_index=[], finished=[],
+                             skipped=skipped)
+        for i, out in zip(keep, outputs):
+            for comp in out.outputs:
+                ids = list(comp.token_ids)
+                batch.prompts.append(list(prompts[i]))
+                batch.responses.append(ids)
+                batch.logprobs.append([lp[t].logprob for t, lp in zip(ids, comp.logprobs)])
+                batch.prompt_index.append(i)
+                batch.finished.append(comp.finish_reason == "stop")
+        return batch
+
+    # ---- weights ------------------------------------------------------------------------------
+    def _model(self):
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+    def update_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> dict:
+        """Loads ``(hf_name, tensor)`` pairs (e.g. the bridge's export stream, consumed bucket by bucket)
+        into the engine in place, then drops every cached prefix computed with the old weights."""
+        start = time.perf_counter()
+        count = 0
+        nbytes = 0
+
+        def counted():
+            nonlocal count, nbytes
+            for name, t in weights:
+                count += 1
+                nbytes += t.numel() * t.element_size()
+                yield name, t
+
+        self._model().load_weights(counted())
+        self.llm.reset_prefix_cache()
+        return dict(tensors=count, bytes=nbytes, seconds=time.perf_counter() - start)
+
+    # ---- GPU memory ---------------------------------------------------------------------------
+    def sleep(self) -> None:
+        """Frees weights and KV cache for the training phase (GPU with sleep mode; no-op on CPU)."""
+        if torch.cuda.is_available() and not self.sleeping and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
