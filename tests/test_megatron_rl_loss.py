@@ -12,7 +12,6 @@ transformers forward pass of the HF checkpoint.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_rlfp16.losses import PolicyLossConfig, policy_loss
 from megatron_rlfp16.testing.distributed import run_on_ranks
@@ -35,18 +34,20 @@ RECOMPUTE_TEMPERATURES = (1.0, 0.7)
 
 
 def global_batch(seed: int = 0) -> dict:
-    """8 sequences of 12 tokens: prompts of 1-4 tokens, responses of 0 to all remaining tokens."""
+    """8 sequences of 12 tokens: prompts of 1-4 tokens, responses of 0 to all remaining tokens.
+    Per-token tensors are [B, S-1], aligned with the targets input_ids[:, 1:]."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 300, (NUM_SEQS, SEQ_LEN), generator=g)
     prompt = torch.randint(1, 5, (NUM_SEQS,), generator=g)
     response = [int(torch.randint(1, SEQ_LEN - int(p) + 1, (1,), generator=g)) for p in prompt]
     response[3] = 0  # a sequence without any response token: counts for no token and no sequence
     response[5] = SEQ_LEN - int(prompt[5])  # one that runs to the end of the padded length
-    pos = torch.arange(SEQ_LEN)
-    mask = torch.stack([(pos >= p) & (pos < p + r) for p, r in zip(prompt.tolist(), response)])
-    old = -5.7 + 0.3 * torch.randn(NUM_SEQS, SEQ_LEN, generator=g)
-    rollout = old + 0.1 * torch.randn(NUM_SEQS, SEQ_LEN, generator=g)
-    ref = old + 0.2 * torch.randn(NUM_SEQS, SEQ_LEN, generator=g)
+    target_pos = torch.arange(1, SEQ_LEN)  # position in input_ids of each target
+    mask = torch.stack([(target_pos >= p) & (target_pos < p + r) for p, r in zip(prompt.tolist(), response)])
+    shape = (NUM_SEQS, SEQ_LEN - 1)
+    old = -5.7 + 0.3 * torch.randn(shape, generator=g)
+    rollout = old + 0.1 * torch.randn(shape, generator=g)
+    ref = old + 0.2 * torch.randn(shape, generator=g)
     # Padding holds garbage: everything must be masked out, not just be harmless.
     old, rollout = old.masked_fill(~mask, float("inf")), rollout.masked_fill(~mask, -1e4)
     return dict(input_ids=ids, loss_mask=mask, old_logprobs=old, rollout_logprobs=rollout,
@@ -84,8 +85,8 @@ def _reference_worker(hf_dir):
         model.zero_grad(set_to_none=True)
         logits = model(ids, torch.arange(SEQ_LEN).expand_as(ids), attention_mask=causal_mask(SEQ_LEN))
         logp = torch.log_softmax(logits[..., :arch.vocab_size].float() / temperature, dim=-1)
-        lp = F.pad(logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0))
-        ent = F.pad(-(logp.exp() * logp).sum(-1)[:, :-1], (1, 0))
+        lp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1)[:, :-1]
         loss, _ = policy_loss(lp, batch["old_logprobs"], batch["rollout_logprobs"], batch["advantages"],
                               batch["loss_mask"], config, ref_logprobs=batch["ref_logprobs"], entropy=ent)
         loss.backward()
@@ -169,8 +170,8 @@ def test_recompute_equals_transformers_forward(hf_dir, layout):
     rows = NUM_SEQS // dp
     for temperature in RECOMPUTE_TEMPERATURES:
         logp = torch.log_softmax(logits / temperature, dim=-1)
-        lp = F.pad(logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0))
-        ent = F.pad(-(logp.exp() * logp).sum(-1)[:, :-1], (1, 0))
+        lp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1)[:, :-1]
         for out in ranks:  # every rank (all TP and PP ranks) returns its DP shard's log-probs
             got_lp, got_ent = out["recompute"][temperature]
             sl = slice(out["dp_rank"] * rows, (out["dp_rank"] + 1) * rows)

@@ -134,12 +134,12 @@ def test_saved_for_backward_is_the_input_plus_per_token_stats(dtype):
 def test_next_token_alignment():
     full, ids, _, _ = _logits(300, 384, torch.float32, shape=(2, 6))
     lp, ent = next_token_logprobs(full, ids, vocab_size=300, temperature=0.8, with_entropy=True)
+    assert lp.shape == ent.shape == (2, 5)
     logp = torch.log_softmax(full[..., :300] / 0.8, -1)
-    assert torch.all(lp[:, 0] == 0) and torch.all(ent[:, 0] == 0)
     for b in range(2):
-        for s in range(1, 6):
-            torch.testing.assert_close(lp[b, s], logp[b, s - 1, ids[b, s]])
-            torch.testing.assert_close(ent[b, s], -(logp[b, s - 1].exp() * logp[b, s - 1]).sum())
+        for t in range(5):  # entry t is about the target ids[b, t + 1], scored by the logits at t
+            torch.testing.assert_close(lp[b, t], logp[b, t, ids[b, t + 1]])
+            torch.testing.assert_close(ent[b, t], -(logp[b, t].exp() * logp[b, t]).sum())
 
 
 def test_bad_arguments_are_named():

@@ -62,10 +62,12 @@ def save_megatron_checkpoint(
     extra_state: Optional[Dict[str, Any]] = None,
     overwrite: bool = False,
     copy_files_from: Optional[str] = None,
+    extra_files: Optional[Dict[str, str]] = None,
 ) -> None:
     """Collective: saves ``model`` (plus ``extra_state``, a sharded-state-dict fragment such as the
     optimizer's) to ``ckpt_dir`` atomically. Tokenizer/generation files found in ``copy_files_from``
-    are kept with it so that a later export can hand them on."""
+    are kept with it so that a later export can hand them on. ``extra_files`` (name -> text, written
+    by rank 0) go into the same atomic rename, e.g. a trainer's step and data position."""
     from megatron.core import dist_checkpointing
 
     from megatron_rlfp16.bridge.context import unwrap
@@ -96,6 +98,9 @@ def save_megatron_checkpoint(
             with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=2)
             copy_side_files(copy_files_from, tmp)
+            for name, text in (extra_files or {}).items():
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    f.write(text)
             if os.path.exists(target):
                 shutil.rmtree(target)
             os.rename(tmp, target)

@@ -1,10 +1,9 @@
-"""Next-token log-probs laid out like ``input_ids``: the convention every per-token tensor follows.
+"""Next-token log-probs in the trainer's layout: ``[B, S-1]``, aligned with ``input_ids[:, 1:]``.
 
-A causal LM's logits at position s score token s+1. The trainer's per-token tensors (loss mask,
-rollout / old / reference log-probs, entropy) are ``[B, S]`` and aligned with ``input_ids``: entry
-``[b, s]`` is about token ``input_ids[b, s]``, i.e. log p(input_ids[b, s] | input_ids[b, :s]). Column
-0 has no prediction and holds 0 (it must be masked out). A response's mask is then simply "where the
-response tokens sit in ``input_ids``", and the rollout engine's log-probs go in the same places.
+A causal LM's logits at position s score token s+1. Every per-token tensor of the trainer (loss
+mask, rollout / old / reference log-probs, entropy) is ``[B, S-1]`` with entry ``[b, t]`` about the
+target ``input_ids[b, t+1]``: log p(input_ids[b, t+1] | input_ids[b, :t+1]). This is the layout of
+``megatron_rlfp16.rollout.RolloutBatch.to_tensors``.
 """
 from __future__ import annotations
 
@@ -27,15 +26,15 @@ def next_token_logprobs(
     with_entropy: bool = False,
     chunk_size: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """``[B, S]`` FP32 log-probs of ``input_ids`` from ``[B, S, V_local]`` logits, aligned with
-    ``input_ids`` (column 0 is 0); with ``with_entropy`` also the ``[B, S]`` entropy of the
-    distribution that predicted each token. Other arguments as in ``vocab_parallel_logprobs``."""
+    """``[B, S-1]`` FP32 log-probs of ``input_ids[:, 1:]`` from ``[B, S, V_local]`` logits; with
+    ``with_entropy`` also the ``[B, S-1]`` entropy of the distribution that predicted each target.
+    Other arguments as in ``vocab_parallel_logprobs``."""
     if input_ids.dim() != 2 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
         raise ValueError(
             f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} must be [B, S, V] "
             "and [B, S]"
         )
-    # Every position is scored (the last one against a dummy target and then dropped): slicing the
+    # Every position is scored (the last one against a dummy target, then dropped): slicing the
     # logits to S-1 positions instead would copy them.
     targets = F.pad(input_ids[:, 1:], (0, 1))
     out = vocab_parallel_logprobs(
@@ -43,5 +42,5 @@ def next_token_logprobs(
         temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size,
     )
     if with_entropy:
-        return tuple(F.pad(t[:, :-1], (1, 0)) for t in out)
-    return F.pad(out[:, :-1], (1, 0))
+        return out[0][:, :-1], out[1][:, :-1]
+    return out[:, :-1]

@@ -5,7 +5,7 @@ Importing this package imports no Megatron (every Megatron import is inside a fu
 
 - ``args.py``       ``add_rl_args`` (Megatron-LM ``extra_args_provider``), ``loss_config_from_args``
 - ``batch.py``      the micro-batch dict: keys, shapes, defaults
-- ``loss_func.py``  ``global_counts``, ``rl_loss_func``, ``make_forward_step`` (per-token convention)
+- ``loss_func.py``  ``global_counts``, ``logprobs_head``, ``rl_loss_func``, ``make_forward_step``
 - ``train.py``      ``wrap_ddp``, ``train_step``: one step's forward + backward over micro-batches
 - ``recompute.py``  ``compute_logprobs``: forward-only log-probs on every rank
 """
@@ -21,6 +21,7 @@ from megatron_rlfp16.megatron.batch import check_micro_batches, split
 from megatron_rlfp16.megatron.loss_func import (
     GlobalCounts,
     global_counts,
+    logprobs_head,
     make_forward_step,
     rl_loss_func,
     token_logprobs,
@@ -30,6 +31,6 @@ from megatron_rlfp16.megatron.train import reduce_metrics, train_step, wrap_ddp
 
 __all__ = [
     "GROUP_TITLE", "GlobalCounts", "RLConfig", "add_rl_args", "check_micro_batches", "compute_logprobs",
-    "global_counts", "loss_config_from_args", "make_forward_step", "reduce_metrics", "rl_argv",
+    "global_counts", "logprobs_head", "loss_config_from_args", "make_forward_step", "reduce_metrics", "rl_argv",
     "rl_config_from_args", "rl_loss_func", "split", "token_logprobs", "train_step", "wrap_ddp",
 ]

@@ -1,18 +1,19 @@
 """Micro-batch dicts: what the RL forward step reads, checked once per step.
 
-A micro-batch is a dict of ``[B, S]`` tensors aligned with ``input_ids`` (see
-``megatron_rlfp16.logprobs.next_token``: entry ``[b, s]`` is about token ``input_ids[b, s]``):
+A micro-batch is a dict of tensors. ``input_ids`` is ``[B, S]``; every per-token tensor is
+``[B, S-1]``, aligned with the targets ``input_ids[:, 1:]`` (``megatron_rlfp16.logprobs.next_token``;
+the layout of ``RolloutBatch.to_tensors``):
 
-| key | required | meaning |
-| --- | --- | --- |
-| ``input_ids`` | yes | prompt + response token ids, right-padded to S |
-| ``loss_mask`` | for training | bool / 0-1: the response tokens whose log-prob is trained (column 0 must be 0) |
-| ``advantages`` | for training | ``[B]`` or ``[B, S]`` |
-| ``old_logprobs`` | see ``policy_loss`` | log π_old; absent = bypass mode (π_old := μ) |
-| ``rollout_logprobs`` | see ``policy_loss`` | log μ from the rollout engine |
-| ``ref_logprobs`` | if ``kl_coef != 0`` | log π_ref |
-| ``position_ids`` | no | default ``arange(S)`` per row |
-| ``attention_mask`` | no | Megatron boolean mask (True = masked); default causal ``[1, 1, S, S]`` |
+| key | required | shape | meaning |
+| --- | --- | --- | --- |
+| ``input_ids`` | yes | ``[B, S]`` | prompt + response token ids, right-padded to S |
+| ``loss_mask`` | for training | ``[B, S-1]`` | bool / 0-1: targets whose log-prob is trained (the response) |
+| ``advantages`` | for training | ``[B]`` or ``[B, S-1]`` | |
+| ``old_logprobs`` | see ``policy_loss`` | ``[B, S-1]`` | log π_old; absent = bypass mode (π_old := μ) |
+| ``rollout_logprobs`` | see ``policy_loss`` | ``[B, S-1]`` | log μ from the rollout engine |
+| ``ref_logprobs`` | if ``kl_coef != 0`` | ``[B, S-1]`` | log π_ref |
+| ``position_ids`` | no | ``[B, S]`` | default ``arange(S)`` per row |
+| ``attention_mask`` | no | ``[1, 1, S, S]`` | Megatron boolean mask (True = masked); default causal |
 
 Right padding needs no padding mask: with a causal mask no real token attends to a later pad.
 Every micro-batch of a step has the same ``[B, S]``: the pipeline schedule communicates activations
@@ -27,11 +28,12 @@ import torch
 from megatron_rlfp16.models import causal_mask
 
 MicroBatch = Dict[str, torch.Tensor]
-PER_TOKEN_KEYS = ("loss_mask", "old_logprobs", "rollout_logprobs", "ref_logprobs", "position_ids")
+PER_TOKEN_KEYS = ("loss_mask", "old_logprobs", "rollout_logprobs", "ref_logprobs")
 
 
 def check_micro_batches(micro_batches: Sequence[MicroBatch], *, training: bool) -> Tuple[int, int]:
-    """Checks keys and shapes; returns the common ``(B, S)``. Errors name the micro-batch and key."""
+    """Checks keys and shapes; returns the common ``(B, S)`` of ``input_ids``. Errors name the
+    micro-batch and the key."""
     if not micro_batches:
         raise ValueError("micro_batches is empty: a step needs at least one micro-batch")
     shape = None
@@ -52,17 +54,14 @@ def check_micro_batches(micro_batches: Sequence[MicroBatch], *, training: bool) 
             for key in ("loss_mask", "advantages"):
                 if key not in mb:
                     raise ValueError(f"micro-batch {i} has no {key!r}, which training needs")
-        for key in PER_TOKEN_KEYS:
-            if key in mb and mb[key] is not None and tuple(mb[key].shape) != shape:
+        expected = {key: (shape[0], shape[1] - 1) for key in PER_TOKEN_KEYS}
+        expected["position_ids"] = shape
+        for key, want in expected.items():
+            if mb.get(key) is not None and tuple(mb[key].shape) != want:
                 raise ValueError(
-                    f"micro-batch {i}: {key} has shape {tuple(mb[key].shape)}, expected {shape} "
-                    "(aligned with input_ids)"
+                    f"micro-batch {i}: {key} has shape {tuple(mb[key].shape)}, expected {want} "
+                    f"(input_ids is {shape}; per-token tensors are aligned with input_ids[:, 1:])"
                 )
-        if training and bool(mb["loss_mask"][:, 0].any()):
-            raise ValueError(
-                f"micro-batch {i}: loss_mask[:, 0] is set, but column 0 has no prediction (the first "
-                "token is never scored); a response starts after at least one prompt token"
-            )
     return shape
 
 

@@ -3,6 +3,9 @@
 How the pieces compose with ``forward_backward_func`` (megatron-core 0.16.1, checked in
 ``pipeline_parallel/schedules.py::forward_step_calc_loss`` and ``distributed/finalize_model_grads.py``):
 
+0. The forward step runs the model under ``logprobs_head``: on the last pipeline stage the model's
+   per-token output is the FP32 log-probs ``[B, S-1]`` of the targets, computed from the
+   vocabulary-parallel logits by ``megatron_rlfp16.logprobs`` (chunked, custom backward).
 1. Before any forward, the step's global counts N (response tokens) and Q (non-empty sequences) are
    summed over all its micro-batches and all-reduced over the data-parallel group
    (``global_counts``). Every micro-batch's ``policy_loss`` divides by these: the loss of micro-batch
@@ -22,14 +25,17 @@ If the counts were instead taken per micro-batch, each micro-batch's tokens woul
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from megatron_rlfp16.logprobs import next_token_logprobs
+from megatron_rlfp16.bridge.context import unwrap
+from megatron_rlfp16.logprobs import next_token_logprobs, vocab_parallel_logprobs
 from megatron_rlfp16.losses import PolicyLossConfig, policy_loss
 from megatron_rlfp16.megatron.batch import MicroBatch, model_inputs, to_device
 
@@ -74,6 +80,12 @@ def _comm_device() -> torch.device:
     return device()
 
 
+def _default_tp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
 def token_logprobs(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -90,13 +102,45 @@ def token_logprobs(
     column is ``tp_rank · V_padded/TP`` (Megatron's contiguous split).
     """
     if tp_group is _DEFAULT:
-        from megatron.core import parallel_state as ps
-
-        tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        tp_group = _default_tp_group()
     return next_token_logprobs(
         logits, input_ids, vocab_size=vocab_size, tp_group=tp_group, temperature=temperature,
         with_entropy=with_entropy, chunk_size=chunk_size,
     )
+
+
+@contextlib.contextmanager
+def logprobs_head(model, *, vocab_size: int, temperature: float = 1.0, with_entropy: bool = False,
+                  chunk_size: Optional[int] = None):
+    """While active, ``model(input_ids, position_ids, attention_mask, labels=input_ids)`` returns
+    per-token FP32 log-probs ``[B, S-1]`` of ``input_ids[:, 1:]`` (``[2, B, S-1]`` log-probs and
+    entropy with ``with_entropy``) on the last pipeline stage instead of cross-entropy.
+
+    It temporarily replaces the model's ``compute_language_model_loss(labels, logits)``, the hook
+    GPTModel calls with the output layer's ``[S, B, V/TP]`` logits when labels are given. Asking the
+    model for logits instead (``labels=None``) makes GPTModel copy them to ``[B, S, V/TP]``, and
+    autograd copy their gradient back: two extra full-vocabulary tensors per micro-batch, which were
+    most of the RL step's overhead over a plain cross-entropy step on CPU (bench/logprob_bench.py).
+    """
+    bare = unwrap(model)
+    tp_group = _default_tp_group()
+
+    def head(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        # logits [S, B, V/TP]; labels [B, S] = input_ids: the target of position s is labels[:, s+1]
+        targets = F.pad(labels[:, 1:], (0, 1)).t()
+        out = vocab_parallel_logprobs(logits, targets, vocab_size=vocab_size, tp_group=tp_group,
+                                      temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
+        if with_entropy:
+            return torch.stack([out[0].t()[:, :-1], out[1].t()[:, :-1]])
+        return out.t()[:, :-1]
+
+    if "compute_language_model_loss" in vars(bare):
+        raise RuntimeError("logprobs_head is already active on this model (nested use)")
+    bare.compute_language_model_loss = head
+    try:
+        yield
+    finally:
+        del bare.compute_language_model_loss
 
 
 def rl_loss_func(
@@ -105,23 +149,14 @@ def rl_loss_func(
     *,
     loss_config: PolicyLossConfig,
     counts: GlobalCounts,
-    vocab_size: int,
-    temperature: float = 1.0,
-    chunk_size: Optional[int] = None,
-    compute_entropy: bool = False,
-    tp_group=_DEFAULT,
 ):
     """Megatron loss function for one micro-batch: ``(N·loss, n_local, metrics)`` (module docstring).
 
-    ``output_tensor`` is the last stage's logits ``[B, S, V_padded/TP]``. Needs
-    ``calculate_per_token_loss=True`` in the model config (``wrap_ddp`` sets it).
+    ``output_tensor`` is the last stage's output under ``logprobs_head``: log-probs ``[B, S-1]``, or
+    ``[2, B, S-1]`` log-probs and entropy. Needs ``calculate_per_token_loss=True`` in the model
+    config (``wrap_ddp`` sets it).
     """
-    with_entropy = compute_entropy or loss_config.entropy_coef != 0
-    out = token_logprobs(
-        output_tensor, batch["input_ids"], vocab_size=vocab_size, temperature=temperature,
-        with_entropy=with_entropy, chunk_size=chunk_size, tp_group=tp_group,
-    )
-    logprobs, entropy = out if with_entropy else (out, None)
+    logprobs, entropy = (output_tensor[0], output_tensor[1]) if output_tensor.dim() == 3 else (output_tensor, None)
     mask = batch["loss_mask"] != 0
     loss, metrics = policy_loss(
         logprobs, batch.get("old_logprobs"), batch.get("rollout_logprobs"), batch["advantages"], mask,
@@ -152,20 +187,21 @@ def make_forward_step(
 
     The iterator yields micro-batch dicts (``megatron_rlfp16.megatron.batch``); every pipeline stage
     reads them (only the first uses ``input_ids`` for the embedding, only the last the loss keys).
+    The entropy is computed when ``loss_config.entropy_coef != 0`` or ``compute_entropy`` (metric).
     """
     loss_config.validate()
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
+    with_entropy = compute_entropy or loss_config.entropy_coef != 0
 
     def forward_step(data_iterator, model):
         from megatron_rlfp16.runtime import device
 
         batch = to_device(next(data_iterator), device())
         ids, pos, mask = model_inputs(batch, device())
-        output = model(ids, pos, attention_mask=mask)
-        return output, functools.partial(
-            rl_loss_func, batch, loss_config=loss_config, counts=counts, vocab_size=vocab_size,
-            temperature=temperature, chunk_size=chunk_size, compute_entropy=compute_entropy,
-        )
+        with logprobs_head(model, vocab_size=vocab_size, temperature=temperature, with_entropy=with_entropy,
+                           chunk_size=chunk_size):
+            output = model(ids, pos, attention_mask=mask, labels=ids)
+        return output, functools.partial(rl_loss_func, batch, loss_config=loss_config, counts=counts)
 
     return forward_step

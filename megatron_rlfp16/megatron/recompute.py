@@ -1,30 +1,26 @@
 """Forward-only log-prob recomputation (π_old, π_ref) through Megatron's pipeline schedules.
 
 ``compute_logprobs`` runs ``forward_backward_func(forward_only=True, collect_non_loss_data=True)``
-over the micro-batches; the last pipeline stage turns each micro-batch's vocabulary-parallel logits
-into ``[B, S]`` FP32 log-probs (aligned with ``input_ids``, as everywhere in the trainer), and they
-are broadcast over the pipeline group so every rank returns the same tensor. TP ranks already agree
-(the vocabulary reduction is an all-reduce); DP ranks return their own micro-batches' log-probs.
+over the micro-batches under ``logprobs_head``: the last pipeline stage turns each micro-batch's
+vocabulary-parallel logits into ``[B, S-1]`` FP32 log-probs (aligned with ``input_ids[:, 1:]``, as
+everywhere in the trainer), which are broadcast over the pipeline group so every rank returns the
+same tensor. TP ranks agree already (the vocabulary reduction is an all-reduce); DP ranks return
+their own micro-batches' log-probs.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from megatron_rlfp16.megatron.batch import MicroBatch, check_micro_batches, model_inputs
-from megatron_rlfp16.megatron.loss_func import token_logprobs
+from megatron_rlfp16.megatron.loss_func import logprobs_head
 
 
-def _collect(batch: MicroBatch, output_tensor, non_loss_data: bool = False, *, vocab_size, temperature,
-             with_entropy, chunk_size):
-    out = token_logprobs(
-        output_tensor, batch["input_ids"].to(output_tensor.device), vocab_size=vocab_size,
-        temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size,
-    )
-    return torch.stack(out) if with_entropy else out[None]
+def _collect(output_tensor, non_loss_data: bool = False):
+    # Under logprobs_head the model's output already is the [B, S-1] log-probs (or [2, B, S-1]).
+    return output_tensor if output_tensor.dim() == 3 else output_tensor[None]
 
 
 @torch.no_grad()
@@ -38,7 +34,7 @@ def compute_logprobs(
     chunk_size: Optional[int] = None,
     forward_backward_func: Optional[Callable] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Log-probs ``[num_micro_batches·B, S]`` (FP32, column 0 is 0) of this rank's micro-batches, on
+    """Log-probs ``[num_micro_batches·B, S-1]`` (FP32) of this rank's micro-batches' targets, on
     every rank; with ``with_entropy`` also the entropy, same shape. Collective over the world.
 
     ``temperature`` must be the rollout's sampling temperature for π_old to be the distribution the
@@ -54,13 +50,11 @@ def compute_logprobs(
     batch_size, seq_length = check_micro_batches(micro_batches, training=False)
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        ids, pos, mask = model_inputs(batch, device())
-        output = model(ids, pos, attention_mask=mask)
-        return output, functools.partial(
-            _collect, batch, vocab_size=vocab_size, temperature=temperature,
-            with_entropy=with_entropy, chunk_size=chunk_size,
-        )
+        ids, pos, mask = model_inputs(next(data_iterator), device())
+        with logprobs_head(model, vocab_size=vocab_size, temperature=temperature, with_entropy=with_entropy,
+                           chunk_size=chunk_size):
+            output = model(ids, pos, attention_mask=mask, labels=ids)
+        return output, _collect
 
     forward_backward_func = forward_backward_func or get_forward_backward_func()
     store = forward_backward_func(
@@ -77,7 +71,7 @@ def compute_logprobs(
     if ps.is_pipeline_last_stage():
         result = torch.cat(list(store), dim=1).contiguous()
     else:
-        result = torch.empty(rows, len(micro_batches) * batch_size, seq_length, dtype=torch.float32,
+        result = torch.empty(rows, len(micro_batches) * batch_size, seq_length - 1, dtype=torch.float32,
                              device=device())
     pp_group = ps.get_pipeline_model_parallel_group()
     if dist.get_world_size(pp_group) > 1:

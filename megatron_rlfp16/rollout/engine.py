@@ -51,7 +51,9 @@ class RolloutConfig:
 class RolloutEngine:
     """``generate`` for rollouts, ``update_weights`` for in-place refit from the bridge's stream."""
 
-    def __init__(self, hf_dir: str, config: RolloutConfig):
+    def __init__(self, hf_dir: str, config: RolloutConfig, *, engine_kwargs: Optional[dict] = None):
+        """``engine_kwargs`` are merged into vLLM's ``LLM(...)`` arguments last; pass
+        ``PrecisionConfig.vllm_kwargs()`` so the engine's dtype and FP32 islands follow the trainer's."""
         config.validate()
         # The engine must live in this process (the trainer's rank), with deterministic scheduling.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -72,10 +74,17 @@ class RolloutEngine:
         )
         if torch.distributed.is_initialized():
             kwargs["distributed_executor_backend"] = "external_launcher"
+            world = torch.distributed.get_world_size()
+            if world % config.tp:
+                raise ValueError(f"RolloutConfig.tp={config.tp} does not divide the world size {world}")
+            # Ranks beyond one rollout TP group are vLLM data-parallel replicas of it.
+            kwargs["data_parallel_size"] = world // config.tp
         if on_gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
             sleep = config.enable_sleep_mode if config.enable_sleep_mode is not None else True
             kwargs["enable_sleep_mode"] = sleep
+        kwargs.update(engine_kwargs or {})
+        self.dtype = kwargs["dtype"]
         self.llm = LLM(**kwargs)
         self.sleeping = False
 
@@ -124,12 +133,16 @@ class RolloutEngine:
         return batch
 
     # ---- weights ------------------------------------------------------------------------------
-    def _model(self):
-        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    def _runner(self):
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
 
     def update_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> dict:
         """Loads ``(hf_name, tensor)`` pairs (e.g. the bridge's export stream, consumed bucket by bucket)
-        into the engine in place, then drops every cached prefix computed with the old weights."""
+        into the engine in place, then drops every cached prefix computed with the old weights.
+
+        vLLM's in-place reload is used: after loading, each layer's post-load processing (weight
+        repacking for CPU GEMM kernels, FP32 head copies, ...) runs once, as at start-up. A plain
+        ``model.load_weights`` would write into parameters that processing has already replaced."""
         start = time.perf_counter()
         count = 0
         nbytes = 0
@@ -141,9 +154,21 @@ class RolloutEngine:
                 nbytes += t.numel() * t.element_size()
                 yield name, t
 
-        self._model().load_weights(counted())
+        runner = self._runner()
+        if hasattr(runner, "reload_weights"):
+            runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        else:  # older vLLM: no post-load processing to redo on the paths it supports
+            runner.model.load_weights(counted())
         self.llm.reset_prefix_cache()
         return dict(tensors=count, bytes=nbytes, seconds=time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Shuts the engine down at the end of a run. vLLM's teardown destroys torch.distributed's
+        default group as well, so nothing collective may follow; without ``close`` vLLM's exit hook
+        tries the same after the trainer's shutdown and fails on groups that are already gone."""
+        if getattr(self, "llm", None) is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
 
     # ---- GPU memory ---------------------------------------------------------------------------
     def sleep(self) -> None:

@@ -47,8 +47,13 @@ def vllm_generate(
               max_model_len=max_model_len, seed=seed)
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0,
                             detokenize=False, ignore_eos=True, seed=seed)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                           use_tqdm=False)
+    try:
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                               use_tqdm=False)
+    finally:
+        # Tear the engine down now, while its process group exists: left to the exit-time
+        # finalizer, it would destroy groups that the launcher has already destroyed.
+        llm.llm_engine.engine_core.shutdown()
     results = []
     for out in outputs:
         completion = out.outputs[0]

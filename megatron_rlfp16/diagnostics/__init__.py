@@ -1,0 +1,1 @@
+"""Diagnostics: the training-inference mismatch report (``tools/measure_mismatch.py``)."""

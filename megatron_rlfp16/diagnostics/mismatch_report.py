@@ -1,0 +1,133 @@
+"""Measures the training-inference mismatch of a checkpoint in several precisions.
+
+For each dtype, on every rank: the checkpoint goes into Megatron through the bridge (the trainer
+path) and into a colocated vLLM engine (the rollout path) in that dtype; vLLM samples responses with
+their log-probs, Megatron re-scores the same tokens (same temperature), and ``mismatch_metrics``
+compares the two. Each dtype runs in fresh processes so that engines never share state.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, List, Sequence
+
+import torch
+
+DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def parse_dtypes(text: str) -> List[str]:
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+    out = []
+    for raw in text.split(","):
+        name = aliases.get(raw.strip(), raw.strip())
+        if name not in DTYPE_NAMES:
+            raise ValueError(f"--dtypes: {raw.strip()!r} is not a dtype; valid: {sorted(DTYPE_NAMES)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ValueError("--dtypes is empty; give e.g. float16,bfloat16,float32")
+    return out
+
+
+def make_prompts(vocab_size: int, num_prompts: int, prompt_len: int, seed: int) -> List[List[int]]:
+    """Random token-id prompts of varying length (the tool needs no tokenizer)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, prompt_len // 2), prompt_len + 1, (num_prompts,), generator=g)
+    return [torch.randint(0, vocab_size, (int(n),), generator=g).tolist() for n in lengths]
+
+
+def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16, prompt_len: int = 16,
+                 max_tokens: int = 48, temperature: float = 1.0, seed: int = 0) -> Dict:
+    """One dtype, run on every rank of a world of ``tp`` ranks. Returns metrics and per-token data."""
+    from megatron_rlfp16.bridge import load_hf_checkpoint
+    from megatron_rlfp16.megatron.recompute import compute_logprobs
+    from megatron_rlfp16.mismatch import mismatch_metrics
+    from megatron_rlfp16.models import build_model, read_config_json
+    from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine
+    from megatron_rlfp16.runtime import ParallelConfig, init_runtime
+
+    init_runtime(ParallelConfig(tp=tp), seed=seed)
+    model, arch = build_model(read_config_json(hf_dir), params_dtype=DTYPE_NAMES[dtype])
+    model.eval()
+    load_hf_checkpoint(model, arch, hf_dir)
+    engine = RolloutEngine(hf_dir, RolloutConfig(dtype=dtype, tp=tp, seed=seed,
+                                                 max_model_len=prompt_len + max_tokens + 1))
+    prompts = make_prompts(arch.vocab_size, num_prompts, prompt_len, seed)
+    batch = engine.generate(prompts, temperature=temperature, max_tokens=max_tokens, seed=seed)
+    pad = tp if (arch.is_moe and tp > 1) else 1  # sequence parallelism needs S % tp == 0
+    tokens, mask, rollout = batch.to_tensors(pad_to_multiple=pad)
+    train = compute_logprobs(model, [dict(input_ids=tokens)], vocab_size=arch.vocab_size,
+                             temperature=temperature)
+    engine.close()  # last: vLLM's teardown also ends the process group
+    metrics = {k: float(v) for k, v in mismatch_metrics(train, rollout, mask).items()}
+    m = mask.bool()
+    seq_ratio = ((train - rollout) * mask).sum(-1)
+    return dict(metrics=metrics, train_prob=train[m].exp(), rollout_prob=rollout[m].exp(),
+                seq_log_ratio=seq_ratio, tokens=int(m.sum()))
+
+
+def write_report(results: Dict[str, Dict], out_dir: str, *, title: str = "") -> str:
+    """Writes ``mismatch.json``, ``token_probs.png``, ``seq_log_ratio.png``; returns the table text."""
+    os.makedirs(out_dir, exist_ok=True)
+    summary = {dtype: r["metrics"] for dtype, r in results.items()}
+    _atomic_json(summary, os.path.join(out_dir, "mismatch.json"))
+    _plot(results, out_dir, title)
+    return format_table(summary)
+
+
+def format_table(summary: Dict[str, Dict[str, float]]) -> str:
+    keys = ["prob_diff_mean", "prob_diff_max", "logprob_diff_abs_mean", "kl_k3", "seq_log_ratio_abs_mean",
+            "ratio_max", "pearson_prob"]
+    dtypes = list(summary)
+    lines = [f"{'metric':<26}" + "".join(f"{d:>14}" for d in dtypes)]
+    for k in keys:
+        lines.append(f"{k:<26}" + "".join(f"{summary[d].get(k, float('nan')):>14.3e}" for d in dtypes))
+    if "float16" in summary and "bfloat16" in summary and summary["float16"]["prob_diff_mean"] > 0:
+        ratio = summary["bfloat16"]["prob_diff_mean"] / summary["float16"]["prob_diff_mean"]
+        lines.append(f"bf16/fp16 prob_diff_mean ratio: {ratio:.1f}x")
+    return "\n".join(lines)
+
+
+def _atomic_json(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _plot(results: Dict[str, Dict], out_dir: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(results)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4), squeeze=False)
+    for ax, (dtype, r) in zip(axes[0], results.items()):
+        ax.scatter(r["rollout_prob"].numpy(), r["train_prob"].numpy(), s=4, alpha=0.5)
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.8)
+        ax.set_title(f"{dtype}: mean |Δp| {r['metrics']['prob_diff_mean']:.2e}")
+        ax.set_xlabel("rollout (vLLM) token probability")
+        ax.set_ylabel("trainer (Megatron) token probability")
+    fig.suptitle(title or "token probabilities: rollout vs trainer")
+    fig.tight_layout()
+    _save(fig, os.path.join(out_dir, "token_probs.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for dtype, r in results.items():
+        v = r["seq_log_ratio"].numpy()
+        ax.hist(v, bins=30, alpha=0.5, label=f"{dtype} (mean |.| {abs(v).mean():.2e})")
+    ax.set_xlabel("per-sequence log ratio  Σ_t (log π_train − log μ_rollout)")
+    ax.set_ylabel("sequences")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, os.path.join(out_dir, "seq_log_ratio.png"))
+    plt.close("all")
+
+
+def _save(fig, path: str) -> None:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)

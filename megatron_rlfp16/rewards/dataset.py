@@ -1,0 +1,151 @@
+"""Prompt datasets from JSONL files, and a shuffled, resumable walk over any list of examples.
+
+A JSONL file holds one JSON object per line with a prompt field and an answer field (names
+configurable); every other field is kept in ``meta`` for the reward. The file is read line by line,
+so a malformed line is reported by file and line number before training starts, not mid-run.
+
+``ShuffledIterator`` walks the examples in a fresh seeded permutation per epoch and forever (an RL
+trainer pulls batches by step, not by epoch). Its position is two integers, ``(epoch, index)``, so a
+checkpoint restores exactly where the data stream was: the order of an epoch depends only on the
+seed and the epoch number, never on how many items were drawn before.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Generic, Iterator, Sequence, TypeVar
+
+from megatron_rlfp16.rewards.base import Example
+
+T = TypeVar("T")
+
+
+@dataclass
+class JsonlDataset:
+    """Examples read from one JSONL file."""
+
+    path: str
+    examples: list[Example] = field(default_factory=list)
+    num_blank: int = 0
+    """Blank (or whitespace-only) lines that were skipped."""
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+class JsonlReader:
+    """Streams ``Example``s from a JSONL file, one per non-blank line, counting skipped blank lines.
+
+    ``meta`` holds every field but the prompt, with the answer (as a string) under ``"answer"``.
+    Bad input raises ValueError naming the file and line number.
+    """
+
+    def __init__(self, path: str, *, prompt_field: str = "prompt", answer_field: str = "answer"):
+        self.path = path
+        self.prompt_field = prompt_field
+        self.answer_field = answer_field
+        self.num_blank = 0
+        """Blank (or whitespace-only) lines skipped so far."""
+
+    def __iter__(self) -> Iterator[Example]:
+        self.num_blank = 0
+        with open(self.path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    self.num_blank += 1
+                    continue
+                yield self._example(line, f"{self.path}:{lineno}")
+
+    def _example(self, line: str, where: str) -> Example:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for name in (self.prompt_field, self.answer_field):
+            if name not in record:
+                raise ValueError(f"{where}: missing field {name!r} (fields present: {sorted(record)}); "
+                                 f"choose the field with prompt_field= / answer_field=")
+        prompt, answer = record[self.prompt_field], record[self.answer_field]
+        if not isinstance(prompt, str):
+            raise ValueError(f"{where}: field {self.prompt_field!r} must be a string, got "
+                             f"{type(prompt).__name__}")
+        if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+            raise ValueError(f"{where}: field {self.answer_field!r} must be a string or a number, got "
+                             f"{type(answer).__name__}")
+        meta = {k: v for k, v in record.items() if k not in (self.prompt_field, self.answer_field)}
+        meta["answer"] = str(answer)
+        return Example(prompt, str(answer), meta)
+
+
+def load_jsonl(path: str, *, prompt_field: str = "prompt", answer_field: str = "answer") -> JsonlDataset:
+    """Reads the whole file (line by line) into a ``JsonlDataset``; a file without records is an error."""
+    reader = JsonlReader(path, prompt_field=prompt_field, answer_field=answer_field)
+    examples = list(reader)
+    if not examples:
+        raise ValueError(f"{path}: no records (only {reader.num_blank} blank lines)")
+    return JsonlDataset(path=path, examples=examples, num_blank=reader.num_blank)
+
+
+class ShuffledIterator(Generic[T]):
+    """Endless walk over ``items``: epoch ``e`` visits them in the permutation seeded by
+    ``(seed, e)`` (in file order when ``shuffle`` is False)."""
+
+    def __init__(self, items: Sequence[T], *, seed: int = 0, shuffle: bool = True):
+        if len(items) == 0:
+            raise ValueError("ShuffledIterator needs at least one item")
+        self.items = items
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        """Epochs completed before the current one."""
+        self.index = 0
+        """Items of the current epoch already returned."""
+        self._order: list[int] = []
+        self._order_epoch = -1
+
+    def _epoch_order(self) -> list[int]:
+        if self._order_epoch != self.epoch:
+            order = list(range(len(self.items)))
+            if self.shuffle:
+                # A str seed is hashed with SHA-512: stable across processes and Python versions.
+                random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+            self._order, self._order_epoch = order, self.epoch
+        return self._order
+
+    def __iter__(self) -> "ShuffledIterator[T]":
+        return self
+
+    def __next__(self) -> T:
+        if self.index >= len(self.items):
+            self.epoch, self.index = self.epoch + 1, 0
+        item = self.items[self._epoch_order()[self.index]]
+        self.index += 1
+        return item
+
+    def take(self, n: int) -> list[T]:
+        """The next ``n`` items (crossing epoch boundaries as needed)."""
+        return [next(self) for _ in range(n)]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "shuffle": self.shuffle,
+                "num_items": len(self.items)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resumes at a saved position; the items, seed and shuffle flag must be those it was saved with."""
+        missing = {"epoch", "index", "seed", "shuffle", "num_items"} - set(state)
+        if missing:
+            raise ValueError(f"ShuffledIterator state is missing {sorted(missing)}; got keys {sorted(state)}")
+        for key, mine in (("num_items", len(self.items)), ("seed", self.seed), ("shuffle", self.shuffle)):
+            if state[key] != mine:
+                raise ValueError(f"ShuffledIterator state has {key}={state[key]!r} but this iterator has "
+                                 f"{key}={mine!r}; resume with the same data and settings")
+        if not 0 <= state["index"] <= len(self.items) or state["epoch"] < 0:
+            raise ValueError(f"ShuffledIterator state has epoch={state['epoch']!r}, index={state['index']!r}; "
+                             f"valid: epoch >= 0 and 0 <= index <= {len(self.items)}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

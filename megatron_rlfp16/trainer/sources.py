@@ -1,0 +1,79 @@
+"""Prompt sources: where a step's prompts come from, how they are tokenized, how responses score.
+
+A source is deterministic in the step number (a resumed run draws the same prompts) and keeps any
+other position in ``state_dict`` for checkpoints.
+"""
+from __future__ import annotations
+
+from typing import List, Protocol, Sequence
+
+from megatron_rlfp16.rewards import Example
+
+
+class PromptSource(Protocol):
+    eos_id: int
+
+    def prompts(self, step: int, n: int) -> List[Example]: ...
+    def encode_prompt(self, example: Example) -> List[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def reward(self, example: Example, response_text: str) -> float: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TaskSource:
+    """A synthetic task (``megatron_rlfp16.rewards.tasks``) with its run-time tokenizer."""
+
+    def __init__(self, task, tokenizer, *, seed: int = 0):
+        self.task = task
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.eos_id = tokenizer.eos_id if hasattr(tokenizer, "eos_id") else 3
+
+    def prompts(self, step: int, n: int) -> List[Example]:
+        return self.task.dataset(n, seed=self.seed * 1_000_003 + step)
+
+    def encode_prompt(self, example: Example) -> List[int]:
+        return self.tokenizer.encode_prompt(example.prompt)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def reward(self, example: Example, response_text: str) -> float:
+        return self.task.reward(response_text, example.meta)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class JsonlSource:
+    """A JSONL dataset of ``{"prompt", "answer"}`` with a reward such as "math" and an HF tokenizer."""
+
+    def __init__(self, dataset, tokenizer, reward, *, seed: int = 0):
+        from megatron_rlfp16.rewards import ShuffledIterator
+
+        self.iterator = ShuffledIterator(dataset, seed=seed)
+        self.tokenizer = tokenizer
+        self.reward_fn = reward
+        self.eos_id = tokenizer.eos_token_id
+
+    def prompts(self, step: int, n: int) -> List[Example]:
+        return self.iterator.take(n)
+
+    def encode_prompt(self, example: Example) -> List[int]:
+        return self.tokenizer.encode(example.prompt)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def reward(self, example: Example, response_text: str) -> float:
+        return float(self.reward_fn(example.prompt, response_text, example.meta))
+
+    def state_dict(self) -> dict:
+        return self.iterator.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iterator.load_state_dict(state)

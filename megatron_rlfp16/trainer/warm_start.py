@@ -1,0 +1,62 @@
+"""A short supervised warm start, so that RL on a tiny random model has a signal to amplify.
+
+Supervised next-token training is the ``pg`` objective with advantage 1 and a token-mean: the loss
+is then exactly the mean negative log-likelihood of the answer tokens. Running it through the RL
+loss keeps one code path (and one precision/optimizer step) for both phases.
+"""
+from __future__ import annotations
+
+import random
+from typing import Dict, List
+
+import torch
+
+from megatron_rlfp16.losses import PolicyLossConfig
+
+SFT_LOSS = PolicyLossConfig(loss="pg", agg="token-mean")
+
+
+def supervised_batches(source, examples, micro_batch_size: int, pad_to_multiple: int = 1) -> List[dict]:
+    """Micro-batches of ``prompt + answer + eos`` with the loss on the answer and eos."""
+    seqs, starts = [], []
+    for e in examples:
+        p = source.encode_prompt(e)
+        a = source.tokenizer.encode_answer(e.answer)
+        seqs.append(p + a)
+        starts.append(len(p))
+    s = max(len(x) for x in seqs)
+    s = -(-s // pad_to_multiple) * pad_to_multiple
+    tokens = torch.zeros(len(seqs), s, dtype=torch.long)
+    mask = torch.zeros(len(seqs), s - 1)  # aligned with the targets tokens[:, 1:]
+    for i, (x, start) in enumerate(zip(seqs, starts)):
+        tokens[i, : len(x)] = torch.tensor(x)
+        mask[i, start - 1: len(x) - 1] = 1.0
+    out = []
+    for lo in range(0, len(seqs), micro_batch_size):
+        n = min(micro_batch_size, len(seqs) - lo)
+        out.append(dict(input_ids=tokens[lo:lo + n], loss_mask=mask[lo:lo + n],
+                        advantages=torch.ones(n), rollout_logprobs=torch.zeros(n, s - 1)))
+    return out
+
+
+def warm_start(trainer, *, steps: int, batch_size: int, lr: float, seed: int = 0) -> List[Dict[str, float]]:
+    """``steps`` supervised optimizer steps on fresh task examples; returns per-step metrics."""
+    from megatron_rlfp16.megatron.train import train_step
+
+    history = []
+    saved = [g["lr"] for g in trainer.optimizer.param_groups]
+    for g in trainer.optimizer.param_groups:
+        g["lr"] = lr
+    pad = trainer.config.tp if (trainer.arch.is_moe and trainer.config.tp > 1) else 1
+    try:
+        for step in range(steps):
+            examples = trainer.source.task.dataset(batch_size, seed=10_000_019 * (seed + 1) + step)
+            micro = supervised_batches(trainer.source, examples, batch_size, pad)
+            out = train_step(trainer.model, micro, SFT_LOSS, vocab_size=trainer.arch.vocab_size)
+            out.update(trainer.stepper.step())
+            history.append({k: float(v) for k, v in out.items()})
+    finally:
+        for g, value in zip(trainer.optimizer.param_groups, saved):
+            g["lr"] = value
+    trainer.sync_weights()
+    return history

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Measure the training-inference mismatch of a checkpoint in FP16, BF16 and FP32.
+
+    python tools/measure_mismatch.py --hf-dir D --dtypes float16,bfloat16,float32 --out DIR
+
+For each dtype the checkpoint is loaded into Megatron (through the bridge, as the trainer sees it)
+and into vLLM (as the rollout sees it); vLLM samples, Megatron re-scores the same tokens, and the
+mismatch metrics are written to DIR/mismatch.json with plots (DIR/token_probs.png,
+DIR/seq_log_ratio.png) and printed as a table. See docs/fp16.md, "Reading the mismatch report".
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_rlfp16.diagnostics import mismatch_report as report  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--dtypes", default="float16,bfloat16,float32",
+                   help="comma-separated: float16, bfloat16, float32 (default: all three)")
+    p.add_argument("--out", required=True, help="output directory for mismatch.json and the plots")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of trainer and engine")
+    p.add_argument("--num-prompts", type=int, default=16, help="prompts sampled (default 16)")
+    p.add_argument("--prompt-len", type=int, default=16, help="longest random prompt in tokens")
+    p.add_argument("--max-tokens", type=int, default=48, help="tokens sampled per prompt (default 48)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_rlfp16.models import parse_hf_config, read_config_json
+    from megatron_rlfp16.runtime.launch import RankFailure, run_on_ranks
+
+    try:
+        dtypes = report.parse_dtypes(args.dtypes)
+        parse_hf_config(read_config_json(args.hf_dir))
+        for flag in ("tp", "num_prompts", "max_tokens", "prompt_len"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 1")
+        if not args.temperature > 0:
+            raise ValueError(f"--temperature={args.temperature}: must be > 0 (the trainer scores "
+                             "temperature-scaled log-probs; greedy decoding has none)")
+        results = {}
+        for dtype in dtypes:
+            start = time.monotonic()
+            print(f"[mismatch] {dtype}: loading Megatron and vLLM, sampling {args.num_prompts} prompts",
+                  file=sys.stderr, flush=True)
+            per_rank = run_on_ranks(
+                report.measure_rank, args.tp, args.hf_dir, dtype, tp=args.tp,
+                num_prompts=args.num_prompts, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
+                temperature=args.temperature, seed=args.seed, timeout=3600,
+            )
+            results[dtype] = per_rank[0]
+            print(f"[mismatch] {dtype}: {per_rank[0]['tokens']} tokens in {time.monotonic() - start:.0f} s",
+                  file=sys.stderr, flush=True)
+        table = report.write_report(results, args.out, title=os.path.basename(os.path.abspath(args.hf_dir)))
+    except RankFailure as e:
+        print(f"error: {e.summary()}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"wrote {os.path.join(args.out, 'mismatch.json')} and plots", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
