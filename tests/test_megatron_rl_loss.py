@@ -120,6 +120,7 @@ def _layout_worker(hf_dir, tp, pp):
         lp, ent = compute_logprobs(ddp, micro, vocab_size=arch.vocab_size, temperature=temperature,
                                    with_entropy=True)
         out["recompute"][temperature] = (lp, ent)
+    out["head_removed"] = "compute_language_model_loss" not in vars(model)
     return out
 
 
@@ -158,6 +159,7 @@ def test_loss_and_gradients_equal_single_rank_global_batch(reference, layout):
                 diff = (grads[hf_name] - expected).abs().max().item()
                 assert diff <= 1e-5, f"{name} run {k} rank {rank} {hf_name}: max |Δgrad| = {diff:.3g}"
     assert max(out["num_micro_batches"] for out in ranks) >= 2
+    assert all(out["head_removed"] for out in ranks), "logprobs_head must restore the model"
 
 
 def test_recompute_equals_transformers_forward(hf_dir, layout):
@@ -181,3 +183,29 @@ def test_recompute_equals_transformers_forward(hf_dir, layout):
 
 def test_bare_model_is_refused(reference):
     assert "DistributedDataParallel" in reference["bare_model_error"]
+
+
+def test_global_counts_and_micro_batch_checks():
+    from megatron_rlfp16.megatron import check_micro_batches, global_counts, split
+
+    micro = split(global_batch(), MICRO_BATCH)
+    counts = global_counts(micro)  # no DP group: this process's micro-batches are the whole step
+    mask = global_batch()["loss_mask"]
+    assert counts.num_tokens.item() == mask.sum().item()
+    assert counts.num_seqs.item() == mask.any(-1).sum().item() == NUM_SEQS - 1
+    assert check_micro_batches(micro, training=True) == (MICRO_BATCH, SEQ_LEN)
+
+    bad = [dict(m) for m in micro]
+    bad[1]["input_ids"] = bad[1]["input_ids"][:, :-1]
+    with pytest.raises(ValueError, match="micro-batch 1: input_ids has shape"):
+        check_micro_batches(bad, training=True)
+    bad = [dict(m) for m in micro]
+    bad[2]["old_logprobs"] = torch.zeros(MICRO_BATCH, SEQ_LEN)  # [B, S] instead of [B, S-1]
+    with pytest.raises(ValueError, match=r"micro-batch 2: old_logprobs has shape .*input_ids\[:, 1:\]"):
+        check_micro_batches(bad, training=True)
+    bad = [{k: v for k, v in m.items() if k != "advantages"} for m in micro]
+    with pytest.raises(ValueError, match="no 'advantages'"):
+        check_micro_batches(bad, training=True)
+    check_micro_batches(bad, training=False)  # recompute needs input_ids only
+    with pytest.raises(ValueError, match="empty"):
+        check_micro_batches([], training=False)

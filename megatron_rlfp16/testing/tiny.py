@@ -32,7 +32,7 @@ def tiny_config(family: str, **overrides):
         cfg = transformers.Qwen3Config(**common, head_dim=48)
     elif family == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(
-            **common, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+            **common, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
         )
     elif family == "mixtral":
