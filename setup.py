@@ -21,6 +21,7 @@ COMMON = [
     "tensorboard",
     "matplotlib",
     "tqdm",
+    "protobuf",  # sentencepiece model editing (the task tokenizer pads its vocabulary)
 ]
 
 setup(

@@ -3,11 +3,12 @@
 (a) Memory: chunked ``vocab_parallel_logprobs`` vs the naive FP32 path (upcast the whole logits
     tensor to FP32, ``log_softmax``, gather) on 4,096 tokens of BF16 logits at V = 32k and 152k,
     forward only (recompute of π_old) and forward + backward (training). Each method runs in a fresh
-    subprocess that allocates its inputs, resets the kernel's peak-RSS counter
+    single-threaded subprocess that allocates its inputs, resets the kernel's peak-RSS counter
     (``echo 5 > /proc/self/clear_refs``), runs once and reads ``VmHWM`` from /proc/self/status: the
     reported number is the peak resident memory the method needed *beyond its inputs* (outputs and
     gradients included), as the OS saw it, allocator caching and all. tracemalloc cannot see torch's
-    allocations, hence the subprocesses. Results of the two methods are compared (max |Δ|).
+    allocations, hence the subprocesses. Results of the two methods are compared (max |Δ|); times
+    are CPU seconds of the single thread.
 (b) Overhead: one RL training step (Megatron ``forward_backward_func``, the RL loss function with
     ``policy_loss``, Megatron DDP) vs the same step with Megatron's built-in cross-entropy (the model
     computes ``vocab_parallel_cross_entropy`` from labels) on the same model and data; single rank,
@@ -16,7 +17,7 @@
     so other load on a shared machine inflates it far less than wall time) and the minimum over the
     repetitions; medians and wall-clock times are printed too.
 
-    python bench/logprob_bench.py [--json PATH] [--quick]
+    python bench/logprob_bench.py [--json PATH] [--quick] [--threads N]
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def _chunked(logits, target, temperature, backward):
 
 
 def memory_child(method: str, vocab: int, tokens: int, dtype: str, backward: bool, out: str) -> None:
+    torch.set_num_threads(1)  # as in (b): times comparable on a shared machine; memory is unaffected
     torch.manual_seed(0)
     logits = (torch.randn(tokens, vocab, dtype=DTYPES[dtype]) * 3)
     target = torch.randint(0, vocab, (tokens,))
@@ -78,10 +80,10 @@ def memory_child(method: str, vocab: int, tokens: int, dtype: str, backward: boo
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_mib("VmRSS")
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     with torch.set_grad_enabled(backward):
         lp, grad = fn(logits, target, 0.8, backward)
-    seconds = time.perf_counter() - t0
+    seconds = time.process_time() - t0
     peak = _status_mib("VmHWM") - base
     torch.save({"lp": lp, "grad": grad, "peak_mib": peak, "seconds": seconds,
                 "input_mib": logits.numel() * logits.element_size() / 2**20}, out)
@@ -92,7 +94,8 @@ def run_memory_case(vocab: int, tokens: int, dtype: str, backward: bool, tmp: st
     for method in ("naive", "chunked"):
         out = os.path.join(tmp, f"{method}.pt")
         subprocess.run(
-            [sys.executable, __file__, "--child", method, str(vocab), str(tokens), dtype, str(int(backward)), out],
+            [sys.executable, __file__, "--child", method, str(vocab), str(tokens), dtype,
+             str(int(backward)), out],
             check=True, cwd=ROOT,
         )
         results[method] = torch.load(out)
@@ -134,7 +137,8 @@ def step_overhead(repeats: int, seq_len: int, micro_batch: int, num_micro: int, 
         ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=g)
         mask = torch.zeros(micro_batch, seq_len - 1, dtype=torch.bool)
         for b in range(micro_batch):
-            mask[b, seq_len // 4: seq_len // 4 + int(torch.randint(seq_len // 2, seq_len * 3 // 4, (1,), generator=g))] = True
+            length = int(torch.randint(seq_len // 2, seq_len * 3 // 4, (1,), generator=g))  # ragged
+            mask[b, seq_len // 4: seq_len // 4 + length] = True
         lp = -10.0 + 0.3 * torch.randn(micro_batch, seq_len - 1, generator=g)
         micro.append(dict(input_ids=ids, loss_mask=mask, old_logprobs=lp, rollout_logprobs=lp + 0.01,
                           advantages=torch.randn(micro_batch, generator=g)))
@@ -197,7 +201,8 @@ def step_child(out: str, **kwargs) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not for the record)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes (a smoke run, not for the record)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the step comparison (default 1: on a shared 2-core machine "
                              "a single thread is the least disturbed by other load; both sides use it)")
@@ -220,14 +225,15 @@ def main() -> None:
 
     print(f"\n(a) log-probs of {tokens} tokens from bf16 logits, T = 0.8: peak RSS beyond the inputs, MiB")
     print(f"{'V':>8} {'mode':>8} {'input':>8} {'naive':>9} {'chunked':>9} {'ratio':>7} "
-          f"{'naive s':>8} {'chunk s':>8} {'max|Δlp|':>10} {'max|Δgrad|':>11}")
+          f"{'naive s':>8} {'chunk s':>8} {'max|Δlp|':>10} {'max|Δgrad|':>11}  (s: CPU seconds, 1 thread)")
     for r in memory:
         print(f"{r['vocab']:>8} {r['mode']:>8} {r['input_mib']:>8.0f} {r['naive_peak_mib']:>9.0f} "
               f"{r['chunked_peak_mib']:>9.0f} {r['ratio']:>7.3f} {r['naive_s']:>8.2f} {r['chunked_s']:>8.2f} "
               f"{r['max_abs_diff_logprobs']:>10.2e} {r.get('max_abs_diff_grad', float('nan')):>11.2e}")
     print(f"\n(b) one training step, {step['tokens_per_step']} tokens, llama h={step['hidden']} "
-          f"L={step['layers']} V={step['vocab']} ({step['vocab_entries_per_flop']:.1e} vocabulary entries per "
-          f"matmul FLOP), fp32, {step['threads']} thread(s), {step['repeats']} interleaved repeats")
+          f"L={step['layers']} V={step['vocab']} ({step['vocab_entries_per_flop']:.1e} vocabulary "
+          f"entries per matmul FLOP), fp32, {step['threads']} thread(s), {step['repeats']} interleaved "
+          "repeats")
     print(f"{'':>12} {'RL step s':>10} {'CE step s':>10} {'overhead':>9}")
     for key in ("cpu_min", "cpu_median", "wall_min", "wall_median"):
         r = step[key]
@@ -235,7 +241,7 @@ def main() -> None:
               f"{100 * r['overhead']:>8.1f}%")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"memory": memory, "step": step, "torch_threads": torch.get_num_threads()}, f, indent=2)
+            json.dump({"memory": memory, "step": step}, f, indent=2)
 
 
 if __name__ == "__main__":

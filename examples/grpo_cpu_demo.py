@@ -25,33 +25,17 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="trainer and rollout precision (the same for both)")
-    p.add_argument("--steps", type=int, default=40, help="GRPO steps")
+    p.add_argument("--steps", type=int, default=100, help="GRPO steps")
     p.add_argument("--warm-start-steps", type=int, default=60, help="supervised steps before RL")
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--updates-per-step", type=int, default=2,
+                   help="optimizer steps per rollout (PPO mini-batches; the clip matters from the 2nd on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoint exists")
     return p.parse_args(argv)
-
-
-def make_model_dir(path: str, vocab_size: int, seed: int) -> None:
-    """A tiny random Llama-shaped HF checkpoint (rank 0 writes, atomically)."""
-    import torch
-    import transformers
-
-    from megatron_rlfp16.checkpoint import AtomicDir
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
-    with AtomicDir(path, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
 
 
 def main(argv=None) -> int:
@@ -60,26 +44,20 @@ def main(argv=None) -> int:
 
     from megatron_rlfp16.losses import PolicyLossConfig
     from megatron_rlfp16.precision import PrecisionConfig
-    from megatron_rlfp16.rewards import TaskConfig, TokenizerConfig, build_task, train_tokenizer
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
     from megatron_rlfp16.trainer import RunConfig, TaskSource, Trainer, TrainerConfig, warm_start
+    from megatron_rlfp16.trainer.embedded import embedded_setup
     from megatron_rlfp16.trainer.report import write_summary
 
     init_runtime(ParallelConfig(tp=args.tp), seed=args.seed)
     rank = dist.get_rank()
-    os.makedirs(args.out, exist_ok=True)
-    task = build_task(TaskConfig(names=("reverse",), min_len=3, max_len=3))
-    tokenizer = train_tokenizer(task, TokenizerConfig(vocab_size=64))
-    hf_dir = os.path.join(args.out, "hf_init")
-    if rank == 0 and not os.path.isdir(hf_dir):
-        make_model_dir(hf_dir, tokenizer.vocab_size, args.seed)
-    dist.barrier()
+    task, tokenizer, hf_dir = embedded_setup(args.out, seed=args.seed)
 
     config = TrainerConfig(
         hf_dir=hf_dir, out_dir=args.out, tp=args.tp, resume=not args.no_resume,
         run=RunConfig(steps=args.steps, prompts_per_step=args.prompts_per_step,
-                      group_size=args.group_size, max_new_tokens=6, micro_batch_size=64,
-                      lr=args.lr, seed=args.seed),
+                      group_size=args.group_size, max_new_tokens=6, micro_batch_size=32,
+                      updates_per_step=args.updates_per_step, lr=args.lr, seed=args.seed),
         loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
         precision=PrecisionConfig(trainer=args.precision),
     )

@@ -68,7 +68,8 @@ def _full_grads(model, arch, grads):
     from megatron_rlfp16.bridge import Bridge, ShardContext, export_hf_weights
 
     named = [(name, grads(p)) for name, p in model.named_parameters()]
-    return {n: t.clone() for n, t in export_hf_weights(named, Bridge(arch), ShardContext.from_megatron(model))}
+    ctx = ShardContext.from_megatron(model)
+    return {n: t.clone() for n, t in export_hf_weights(named, Bridge(arch), ctx)}
 
 
 def _reference_worker(hf_dir):
@@ -145,7 +146,7 @@ def layout(request, hf_dir):
 def test_loss_and_gradients_equal_single_rank_global_batch(reference, layout):
     name, ranks = layout
     batch = global_batch()
-    for k, (config, _) in enumerate(RUNS):
+    for k in range(len(RUNS)):
         ref = reference[k]
         for rank, out in enumerate(ranks):
             metrics = out[k]["metrics"]
@@ -162,12 +163,17 @@ def test_loss_and_gradients_equal_single_rank_global_batch(reference, layout):
     assert all(out["head_removed"] for out in ranks), "logprobs_head must restore the model"
 
 
-def test_recompute_equals_transformers_forward(hf_dir, layout):
+@pytest.fixture(scope="module")
+def transformers_logits(hf_dir):
     from megatron_rlfp16.testing.tiny import hf_logits
 
-    name, ranks = layout
+    return hf_logits(hf_dir, global_batch()["input_ids"]).float()
+
+
+def test_recompute_equals_transformers_forward(transformers_logits, layout):
+    _, ranks = layout
     ids = global_batch()["input_ids"]
-    logits = hf_logits(hf_dir, ids).float()
+    logits = transformers_logits
     dp = max(out["dp_rank"] for out in ranks) + 1
     rows = NUM_SEQS // dp
     for temperature in RECOMPUTE_TEMPERATURES:

@@ -45,15 +45,21 @@ def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16,
     from megatron_rlfp16.megatron.recompute import compute_logprobs
     from megatron_rlfp16.mismatch import mismatch_metrics
     from megatron_rlfp16.models import build_model, read_config_json
+    from megatron_rlfp16.precision import PrecisionConfig
     from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
 
     init_runtime(ParallelConfig(tp=tp), seed=seed)
-    model, arch = build_model(read_config_json(hf_dir), params_dtype=DTYPE_NAMES[dtype])
+    # One PrecisionConfig drives both sides, FP32 islands included, exactly as in training.
+    precision = PrecisionConfig(trainer=dtype)
+    model, arch = build_model(read_config_json(hf_dir), params_dtype=precision.trainer.torch_dtype,
+                              config_overrides=precision.transformer_overrides())
     model.eval()
     load_hf_checkpoint(model, arch, hf_dir)
+    precision.prepare_model(model)
     engine = RolloutEngine(hf_dir, RolloutConfig(dtype=dtype, tp=tp, seed=seed,
-                                                 max_model_len=prompt_len + max_tokens + 1))
+                                                 max_model_len=prompt_len + max_tokens + 1),
+                           engine_kwargs=precision.vllm_kwargs())
     prompts = make_prompts(arch.vocab_size, num_prompts, prompt_len, seed)
     batch = engine.generate(prompts, temperature=temperature, max_tokens=max_tokens, seed=seed)
     pad = tp if (arch.is_moe and tp > 1) else 1  # sequence parallelism needs S % tp == 0

@@ -65,9 +65,10 @@ def _chunk_tokens(chunk_size: Optional[int], valid: int, device: torch.device) -
 def _scaled_minus(block: torch.Tensor, shift: Optional[torch.Tensor], temperature: float,
                   out: torch.Tensor) -> torch.Tensor:
     """x/T − shift[:, None] for a block of logits, in FP32, written into the workspace ``out`` (never
-    into the caller's logits). With T = 1 it is one fused pass (the subtraction upcasts exactly)."""
+    into the caller's logits). FP32 logits at T = 1 take one fused pass; other dtypes are upcast
+    first (on CPU a mixed-dtype subtraction is slower than an upcast copy plus an FP32 one)."""
     y = out[: block.shape[0]]
-    if temperature == 1.0 and shift is not None:
+    if shift is not None and temperature == 1.0 and block.dtype == torch.float32:
         return torch.sub(block, shift[:, None], out=y)
     y.copy_(block)
     if temperature != 1.0:
@@ -100,10 +101,13 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         for i in range(0, n if work else 0, chunk):
             j = min(i + chunk, n)
             block = logits[i:j, :valid]
-            # The max of the raw values is exact in any dtype and monotone under the upcast and the
-            # division by T > 0, so it is taken before the FP32 copy exists.
-            m[i:j] = block.amax(-1).to(torch.float32) / temperature
-            y = _scaled_minus(block, m[i:j], temperature, work[0])
+            if block.dtype == torch.float32 and temperature == 1.0:
+                m[i:j] = block.amax(-1)  # then a single fused pass writes y = x − m
+                y = _scaled_minus(block, m[i:j], temperature, work[0])
+            else:
+                y = _scaled_minus(block, None, temperature, work[0])
+                m[i:j] = y.amax(-1)
+                y.sub_(m[i:j, None])
             stats[i:j, 1] = y.gather(1, local_t[i:j, None]).squeeze(1)
             if with_entropy:
                 e = torch.exp(y, out=work[1][: j - i])
@@ -114,7 +118,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         del work
 
         # Across the TP group: the global max M, then every shard's sums rescaled to it
-        # (Σ e^{y−M} = e^{m_r−M} Σ e^{y−m_r}; Σ e^{y−M}(y−M) likewise plus (m_r−M)·Σ e^{y−m_r}).
+        # (Σ e^{y−M} = e^{m_r−M} Σ e^{y−m_r}; Σ e^{y−M}(y−M) likewise, plus
+        # (m_r−M)·Σ e^{y−m_r}).
         local_max = m.clone()
         _all_reduce(m, dist.ReduceOp.MAX, group)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows: any shift works

@@ -31,6 +31,6 @@ from megatron_rlfp16.megatron.train import reduce_metrics, train_step, wrap_ddp
 
 __all__ = [
     "GROUP_TITLE", "GlobalCounts", "RLConfig", "add_rl_args", "check_micro_batches", "compute_logprobs",
-    "global_counts", "logprobs_head", "loss_config_from_args", "make_forward_step", "reduce_metrics", "rl_argv",
-    "rl_config_from_args", "rl_loss_func", "split", "token_logprobs", "train_step", "wrap_ddp",
+    "global_counts", "logprobs_head", "loss_config_from_args", "make_forward_step", "reduce_metrics",
+    "rl_argv", "rl_config_from_args", "rl_loss_func", "split", "token_logprobs", "train_step", "wrap_ddp",
 ]

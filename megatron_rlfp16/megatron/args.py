@@ -55,7 +55,9 @@ class RLConfig:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"RLConfig.group_size={self.group_size!r} is invalid; valid: an int >= 1")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"RLConfig.temperature={self.temperature!r} is invalid; valid: a finite number > 0")
+            raise ValueError(
+                f"RLConfig.temperature={self.temperature!r} is invalid; valid: a finite number > 0"
+            )
         return self
 
 
@@ -116,11 +118,13 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=_optional_float, metavar="C|none")
     add("--rl-correction", "correction", "rollout (training-inference mismatch) correction",
         choices=(NONE,) + CORRECTIONS.names())
-    add("--rl-correction-cap", "correction_cap", "cap C on the importance weight (inf = uncapped)", type=float)
+    add("--rl-correction-cap", "correction_cap", "cap C on the importance weight (inf = uncapped)",
+        type=float)
     add("--rl-correction-floor", "correction_floor", "lower bound on the token weight for icepop", type=float)
     add("--rl-agg", "agg", "aggregation of per-token losses (global denominators)",
         choices=AGGREGATIONS.names())
-    add("--rl-norm-length", "norm_length", "constant length L for seq-mean-token-sum-norm, or none (padded T)",
+    add("--rl-norm-length", "norm_length",
+        "constant length L for seq-mean-token-sum-norm, or none (padded T)",
         type=_optional_float, metavar="L|none")
     add("--rl-kl-coef", "kl_coef", "weight of the KL penalty to the reference policy", type=float)
     add("--rl-kl-estimator", "kl_estimator", "per-token KL estimator", choices=KL_ESTIMATORS.names())

@@ -128,8 +128,10 @@ def logprobs_head(model, *, vocab_size: int, temperature: float = 1.0, with_entr
     def head(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         # logits [S, B, V/TP]; labels [B, S] = input_ids: the target of position s is labels[:, s+1]
         targets = F.pad(labels[:, 1:], (0, 1)).t()
-        out = vocab_parallel_logprobs(logits, targets, vocab_size=vocab_size, tp_group=tp_group,
-                                      temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
+        out = vocab_parallel_logprobs(
+            logits, targets, vocab_size=vocab_size, tp_group=tp_group, temperature=temperature,
+            with_entropy=with_entropy, chunk_size=chunk_size,
+        )
         if with_entropy:
             return torch.stack([out[0].t()[:, :-1], out[1].t()[:, :-1]])
         return out.t()[:, :-1]
@@ -156,7 +158,10 @@ def rl_loss_func(
     ``[2, B, S-1]`` log-probs and entropy. Needs ``calculate_per_token_loss=True`` in the model
     config (``wrap_ddp`` sets it).
     """
-    logprobs, entropy = (output_tensor[0], output_tensor[1]) if output_tensor.dim() == 3 else (output_tensor, None)
+    if output_tensor.dim() == 3:
+        logprobs, entropy = output_tensor[0], output_tensor[1]
+    else:
+        logprobs, entropy = output_tensor, None
     mask = batch["loss_mask"] != 0
     loss, metrics = policy_loss(
         logprobs, batch.get("old_logprobs"), batch.get("rollout_logprobs"), batch["advantages"], mask,

@@ -25,7 +25,9 @@ def wrap_ddp(model, *, grad_reduce_in_fp32: bool = True, bucket_size: Optional[i
     ``calculate_per_token_loss``, ``finalize_model_grads_func`` and ``no_sync_func``.
 
     ``calculate_per_token_loss`` must be set before DDP is built: DDP reads it once to choose its
-    gradient scaling (1 = sum over DP, instead of 1/DP = mean).
+    gradient scaling (1 = sum over DP, instead of 1/DP = mean). The flag also puts Megatron's MoE
+    auxiliary losses on the per-token convention (their gradients are divided by the step's tokens
+    too); the builder's MoE configs use no auxiliary loss.
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -126,8 +128,9 @@ def reduce_metrics(store: List[dict], counts: GlobalCounts, dp_group, pp_group) 
 
     result: Dict[str, float] = {}
     if ps.is_pipeline_last_stage():
-        sums = {k: torch.stack([mb[k] for mb in store]).sum(0) for k in store[0] if store[0][k].numel() == 2}
-        maxes = {k: torch.stack([mb[k] for mb in store]).amax(0) for k in store[0] if store[0][k].numel() == 1}
+        stacked = {k: torch.stack([mb[k] for mb in store]) for k in store[0]}
+        sums = {k: v.sum(0) for k, v in stacked.items() if v.shape[1] == 2}
+        maxes = {k: v.amax(0) for k, v in stacked.items() if v.shape[1] == 1}
         if sums:
             packed = torch.stack(list(sums.values())).to(torch.float64)
             if dist.get_world_size(dp_group) > 1:

