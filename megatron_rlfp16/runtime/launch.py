@@ -48,9 +48,12 @@ def _entry(fn, rank, world_size, port, env, args, kwargs, results):
         results.put((rank, False, traceback.format_exc()))
     finally:
         try:
-            from megatron_rlfp16.runtime import shutdown_runtime
+            import sys
 
-            shutdown_runtime()
+            if "megatron.core" in sys.modules:  # importing Megatron only to shut it down costs ~7 s
+                from megatron_rlfp16.runtime import shutdown_runtime
+
+                shutdown_runtime()
         except Exception:
             pass
 
