@@ -1,0 +1,182 @@
+"""GRPO on your own Hugging Face checkpoint and JSONL prompts, trainer and rollout in one precision.
+
+    torchrun --nproc_per_node=8 examples/grpo_train.py --hf-dir Qwen3-8B --data train.jsonl \
+        --out runs/qwen3-8b --tp 2 --precision fp16 --rl-loss ppo_clip --rl-correction token_tis
+
+Each JSONL line is ``{"prompt": ..., "answer": ...}``; responses are scored by the "math" reward
+(final-answer equivalence). Megatron trains at TP x PP x EP (data parallel takes the rest of the
+world) beside a colocated vLLM engine at ``--rollout-tp``. Recipes: examples/grpo_qwen3_*_fp16.sh.
+
+``--dry-run`` needs no GPU, weights or vLLM: it validates the config, builds the Megatron
+``TransformerConfig`` for the exact layout, and instantiates rank 0's shard of the model on the
+``meta`` device (over a fake process group of tp*pp*ep ranks), then prints a summary whose
+parameter count is checked against one computed from the HF config alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_rlfp16.megatron.args import add_rl_args, rl_config_from_args  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-dir", required=True, help="HF model directory (config.json, tokenizer, safetensors)")
+    p.add_argument("--data", help="JSONL prompts {\"prompt\", \"answer\"} (required unless --dry-run)")
+    p.add_argument("--out", default="runs/grpo", help="output directory (metrics, checkpoints)")
+    p.add_argument("--tp", type=int, default=1, help="Megatron tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="Megatron pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="Megatron expert-parallel size (MoE models)")
+    p.add_argument("--rollout-tp", type=int, default=None, help="vLLM tensor-parallel size (default: --tp)")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="trainer and rollout precision (the same for both)")
+    p.add_argument("--steps", type=int, default=100, help="GRPO steps")
+    p.add_argument("--prompts-per-step", type=int, default=64)
+    # An alias of --rl-group-size: SUPPRESS keeps it from overwriting that flag's default.
+    p.add_argument("--group-size", dest="rl_group_size", type=int, default=argparse.SUPPRESS,
+                   help="responses per prompt (alias of --rl-group-size)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoint exists")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config and build the model on the meta device; no GPU, weights or vLLM")
+    return add_rl_args(p)
+
+
+def build_config(args: argparse.Namespace):
+    """The validated ``TrainerConfig`` of parsed flags (no GPU, no Megatron state)."""
+    from megatron_rlfp16.precision import PrecisionConfig
+    from megatron_rlfp16.trainer import RunConfig, TrainerConfig
+
+    rl = rl_config_from_args(args)
+    run = RunConfig(
+        steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=rl.group_size,
+        temperature=rl.temperature, advantage_estimator=rl.advantage_estimator,
+        max_new_tokens=args.max_new_tokens, micro_batch_size=args.micro_batch_size, lr=args.lr,
+        seed=args.seed,
+    )
+    config = TrainerConfig(
+        hf_dir=args.hf_dir, out_dir=args.out, tp=args.tp, pp=args.pp, ep=args.ep,
+        rollout_tp=args.rollout_tp, run=run, loss=rl.loss, resume=not args.no_resume,
+        precision=PrecisionConfig(trainer=args.precision),
+    )
+    return config.validate()
+
+
+def analytic_param_count(arch) -> dict:
+    """Parameters of the full HF model from its config alone (an independent check of the build)."""
+    h, hd = arch.hidden_size, arch.head_dim
+    attn = h * hd * (2 * arch.num_heads + 2 * arch.num_kv_heads) + (2 * hd if arch.qk_norm else 0)
+    if arch.qkv_bias:
+        attn += hd * (arch.num_heads + 2 * arch.num_kv_heads)
+    norms = 2 * h
+    if arch.is_moe:
+        expert = 3 * h * arch.moe_ffn_hidden_size
+        mlp, active_mlp = h * arch.num_experts + arch.num_experts * expert, h * arch.num_experts + arch.moe_topk * expert
+    else:
+        mlp = active_mlp = 3 * h * arch.ffn_hidden_size
+    embed = arch.vocab_size * h * (1 if arch.tie_embeddings else 2) + h  # + final norm
+    return dict(total=embed + arch.num_layers * (attn + norms + mlp),
+                active=embed + arch.num_layers * (attn + norms + active_mlp))
+
+
+def dry_run(config) -> dict:
+    """Builds rank 0's shard of the model for ``config``'s layout on the meta device; returns a summary.
+
+    A fake process group (``torch.testing``'s "fake" backend) stands in for the tp*pp*ep ranks so
+    that Megatron's parallel state, and thus every sharded layer, is the one the real run gets.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from megatron_rlfp16.models import check_layout, parse_hf_config, read_config_json, transformer_config
+    from megatron_rlfp16.models.builder import block_spec
+
+    arch = parse_hf_config(read_config_json(config.hf_dir))
+    check_layout(arch, tp=config.tp, pp=config.pp, ep=config.ep)
+    world = config.tp * config.pp * config.ep
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=config.tp, pipeline_model_parallel_size=config.pp,
+            expert_model_parallel_size=config.ep, create_gloo_process_groups=False,
+        )
+        # CPU initialization keeps Megatron from allocating on a GPU explicitly; nothing is
+        # initialized because meta tensors hold no data.
+        overrides = config.precision.transformer_overrides(
+            {"use_cpu_initialization": True, "perform_initialization": False})
+        tcfg = transformer_config(arch, tp=config.tp, pp=config.pp, ep=config.ep, etp=config.tp,
+                                  params_dtype=overrides.pop("params_dtype"), overrides=overrides)
+        with torch.device("meta"):
+            model = GPTModel(
+                config=tcfg, transformer_layer_spec=block_spec(arch, tcfg, "local"),
+                vocab_size=arch.padded_vocab_size(config.tp),
+                max_sequence_length=arch.max_position_embeddings,
+                pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                share_embeddings_and_output_weights=arch.tie_embeddings, position_embedding_type="rope",
+                rotary_base=int(arch.rope_theta),
+            )
+        rank0 = sum(p.numel() for p in model.parameters())
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+    counts = analytic_param_count(arch)
+    return dict(
+        family=arch.family, layout=dict(tp=config.tp, pp=config.pp, ep=config.ep, world=world,
+                                        rollout_tp=config.rollout_tp or config.tp),
+        precision=config.precision.trainer.value, sequence_parallel=tcfg.sequence_parallel,
+        params_b=round(counts["total"] / 1e9, 3), active_params_b=round(counts["active"] / 1e9, 3),
+        rank0_params_b=round(rank0 / 1e9, 3), rank0_param_dtypes=dtypes, device="meta",
+        loss=config.loss.loss, correction=config.loss.correction, group_size=config.run.group_size,
+    )
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = build_config(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from megatron_rlfp16.models import ConfigError
+
+        try:
+            summary = dry_run(config)
+        except ConfigError as err:
+            print(f"error: layout tp={config.tp} pp={config.pp} ep={config.ep}: {err}", file=sys.stderr)
+            return 2
+        print("DRY-RUN " + json.dumps(summary, sort_keys=True), flush=True)
+        return 0
+    if not args.data:
+        print("error: --data is required (or pass --dry-run)", file=sys.stderr)
+        return 2
+
+    from transformers import AutoTokenizer
+
+    from megatron_rlfp16.rewards import get_reward, load_jsonl
+    from megatron_rlfp16.trainer import JsonlSource, Trainer
+
+    source = JsonlSource(load_jsonl(args.data), AutoTokenizer.from_pretrained(args.hf_dir),
+                         get_reward("math"), seed=args.seed)
+    trainer = Trainer(config, source)  # initializes torch.distributed and Megatron's parallel state
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
