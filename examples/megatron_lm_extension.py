@@ -11,7 +11,7 @@ Four pieces plug into Megatron-LM's ``pretrain``-style loop; nothing else in the
    ``forward_backward_func``; the denominators are counted over the whole step and all DP ranks
    *before* the first micro-batch, so the loss does not depend on how the step is split.
 4. Weights out: ``export_hf(model, arch)`` streams full HF tensors (collective; every rank iterates)
-   into ``llm.collective_rpc``/``load_weights`` of a vLLM engine, or
+   into a vLLM engine (``RolloutEngine.update_weights``), or
    ``tools/convert_checkpoint.py export`` writes a Megatron checkpoint as HF safetensors.
 
     python examples/megatron_lm_extension.py --help                 # the flags a user script gains
@@ -40,7 +40,7 @@ def precision_settings(precision: str) -> dict:
     )
 
 
-def train_step_sketch(model, arch, micro_batches, args, forward_backward_func, optimizer, llm=None):
+def train_step_sketch(model, arch, micro_batches, args, forward_backward_func, optimizer, engine=None):
     """One RL optimizer step in a Megatron-LM loop (not run here: it needs a built model).
 
     ``micro_batches`` are this rank's dicts from ``megatron_rlfp16.megatron.batch`` (input_ids,
@@ -63,9 +63,8 @@ def train_step_sketch(model, arch, micro_batches, args, forward_backward_func, o
         micro_batch_size=micro_batches[0]["input_ids"].shape[0], forward_only=False,
     )
     update_ok, grad_norm, _ = optimizer.step()  # FP16: an overflowing step is skipped, scale backs off
-    if llm is not None:  # refit the colocated rollout engine in the rollout precision
-        weights = export_hf(model, arch, dtype=torch.float16)
-        llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+    if engine is not None:  # refit the colocated rollout engine (megatron_rlfp16.rollout.RolloutEngine)
+        engine.update_weights(export_hf(model, arch, dtype=torch.float16))
     return update_ok, grad_norm
 
 

@@ -10,6 +10,8 @@ an import-order accident change what the policy is rewarded for.
 """
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Callable, Iterable, NamedTuple, Union
 
 
@@ -30,7 +32,7 @@ class RewardInput(NamedTuple):
     meta: dict
 
 
-class RewardFn:
+class RewardFn(abc.ABC):
     """Base class of rewards: ``reward(prompt_text, response_text, meta) -> float``.
 
     Subclasses implement ``__call__``; ``score`` loops over a batch and may be overridden by a
@@ -40,8 +42,9 @@ class RewardFn:
     name: str = ""
     """Set by ``register_reward``; empty for an unregistered reward."""
 
+    @abc.abstractmethod
     def __call__(self, prompt_text: str, response_text: str, meta: dict) -> float:
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+        """The reward of one response."""
 
     def score(self, batch: Iterable[Union[RewardInput, tuple]]) -> list[float]:
         """One float per ``(prompt, response, meta)`` item, in order."""

@@ -34,6 +34,7 @@ was drawn (and replayed from logged rollouts).
 """
 from __future__ import annotations
 
+import abc
 import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -101,7 +102,7 @@ def _check_int(field: str, value, low: int, high: int) -> None:
         raise ValueError(f"TaskConfig.{field}={value!r} is invalid; valid: an integer in [{low}, {high}]")
 
 
-class Task:
+class Task(abc.ABC):
     """A source of prompts with exactly checkable answers."""
 
     name: str = ""
@@ -110,13 +111,13 @@ class Task:
     def __init__(self, config: TaskConfig):
         self.config = config
 
+    @abc.abstractmethod
     def sample(self, rng: random.Random) -> Example:
         """One ``(prompt_text, answer_text, meta)``; ``meta`` holds "task" and "answer"."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def symbols(self) -> tuple[str, ...]:
         """Every whitespace-separated word a prompt or answer of this task can contain."""
-        raise NotImplementedError
 
     def reward(self, response_text: str, meta: dict) -> float:
         """Exact match against ``meta["answer"]``; reads nothing but ``meta``."""
@@ -184,8 +185,9 @@ class TaskMixture(Task):
 class _DigitStringTask(Task):
     """Prompt ``"<name>: d1 d2 ... ="``, answer ``transform(digits)`` written the same way."""
 
+    @abc.abstractmethod
     def transform(self, digits: list[int]) -> list[int]:
-        raise NotImplementedError
+        """The answer's digits for the prompt's digits."""
 
     def sample(self, rng: random.Random) -> Example:
         c = self.config

@@ -1,0 +1,97 @@
+"""The GPU recipes on CPU: dry runs validate the config and build rank 0's shard on the meta device.
+
+The fake HF configs carry the real Qwen3-8B / Qwen3-30B-A3B dimensions; the parameter counts are
+checked against formulas written here from the published shapes, not against captured output.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+ROPE = {"rope_theta": 1000000, "rope_type": "default"}
+COMMON = dict(vocab_size=151936, tie_word_embeddings=False, rms_norm_eps=1e-6, hidden_act="silu",
+              max_position_embeddings=40960, rope_parameters=ROPE, num_attention_heads=32, head_dim=128)
+DENSE = dict(COMMON, model_type="qwen3", hidden_size=4096, num_hidden_layers=36, num_key_value_heads=8,
+             intermediate_size=12288)
+MOE = dict(COMMON, model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_key_value_heads=4,
+           intermediate_size=6144, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+           norm_topk_prob=True)
+
+
+def _hf_dir(tmp_path, cfg):
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path)
+
+
+def _run(cmd, env=None):
+    full_env = dict(os.environ, PY=PY, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def _summary(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("DRY-RUN ")]
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0][len("DRY-RUN "):])
+
+
+def _rank0_params(cfg, tp, ep):
+    """Rank 0's parameters at TP=tp, EP=ep, PP=1: sharded matrices divided, norms/router replicated."""
+    h, hd, layers = cfg["hidden_size"], cfg["head_dim"], cfg["num_hidden_layers"]
+    attn = h * hd * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) // tp
+    if "num_experts" in cfg:
+        mlp = h * cfg["num_experts"] + cfg["num_experts"] // ep * 3 * h * cfg["moe_intermediate_size"] // tp
+    else:
+        mlp = 3 * h * cfg["intermediate_size"] // tp
+    embed_and_head = 2 * cfg["vocab_size"] * h // tp  # 151936 is already a multiple of the padding
+    return embed_and_head + layers * (attn + mlp + 2 * h + 2 * hd) + h
+
+
+@pytest.mark.parametrize("script,cfg,layout,total_b", [
+    ("grpo_qwen3_8b_fp16.sh", DENSE, dict(tp=2, pp=1, ep=1), (7.9, 8.5)),
+    ("grpo_qwen3_30b_a3b_fp16.sh", MOE, dict(tp=2, pp=1, ep=4), (30.0, 31.0)),
+])
+def test_recipe_dry_run(tmp_path, script, cfg, layout, total_b):
+    proc = _run(["bash", f"examples/{script}"], env=dict(DRY_RUN="1", HF_DIR=_hf_dir(tmp_path, cfg)))
+    s = _summary(proc)
+    assert {k: s["layout"][k] for k in layout} == layout
+    assert s["precision"] == "fp16" and s["rank0_param_dtypes"] == ["float16"] and s["device"] == "meta"
+    assert s["loss"] == "ppo_clip" and s["correction"] == "token_tis" and s["group_size"] == 8
+    assert total_b[0] < s["params_b"] < total_b[1]
+    expected = _rank0_params(cfg, layout["tp"], layout["ep"]) / 1e9
+    assert abs(s["rank0_params_b"] - expected) < 2e-3, (s["rank0_params_b"], expected)
+    if cfg is MOE:
+        assert 3.0 < s["active_params_b"] < 3.6 and s["sequence_parallel"] is True
+
+
+def test_bad_layout_fails_clearly(tmp_path):
+    proc = _run(["bash", "examples/grpo_qwen3_8b_fp16.sh", _hf_dir(tmp_path, DENSE), "--tp", "3"],
+                env=dict(DRY_RUN="1", HF_DIR=""))
+    assert proc.returncode != 0
+    assert "tp=3 does not divide num_attention_heads=32" in proc.stderr
+    assert "DRY-RUN" not in proc.stdout
+
+
+def test_bad_rl_flag_names_the_flag(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import grpo_train
+
+    args = grpo_train.build_parser().parse_args(["--hf-dir", str(tmp_path), "--rl-clip-low", "-1"])
+    with pytest.raises(ValueError, match="--rl-clip-low"):
+        grpo_train.build_config(args)
+    args = grpo_train.build_parser().parse_args(["--hf-dir", str(tmp_path), "--group-size", "4"])
+    assert grpo_train.build_config(args).run.group_size == 4
+
+
+def test_help_texts():
+    proc = _run([PY, "examples/megatron_lm_extension.py", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--rl-correction" in proc.stdout
+    proc = _run([PY, "examples/grpo_train.py", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--rl-loss", "--rl-correction", "--rl-agg", "--rl-kl-coef", "--dry-run", "--hf-dir", "--ep"):
+        assert flag in proc.stdout
