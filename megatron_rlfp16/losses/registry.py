@@ -9,48 +9,9 @@ import-order accident change the objective being trained.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
-
-class Registry:
-    """A table of named entries of one kind (e.g. "policy loss")."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._entries: dict[str, Any] = {}
-
-    def add(self, name: str, entry: Any) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
-        if name in self._entries:
-            raise ValueError(
-                f"{self.kind} {name!r} is already registered (by {_describe(self._entries[name])}); "
-                f"registered names: {self.names()}. Pick a new name instead of overwriting."
-            )
-        self._entries[name] = entry
-
-    def get(self, name: str) -> Any:
-        if name not in self._entries:
-            raise ValueError(f"unknown {self.kind} {name!r}; valid: {self.names()}")
-        return self._entries[name]
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(sorted(self._entries))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-    def decorator(self, name: str) -> Callable[[Callable], Callable]:
-        def register(fn: Callable) -> Callable:
-            self.add(name, fn)
-            return fn
-
-        return register
-
-
-def _describe(entry: Any) -> str:
-    fn = entry.fn if isinstance(entry, PolicyObjective) else entry
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+from megatron_rlfp16.registry import Registry
 
 
 class PolicyObjective(NamedTuple):

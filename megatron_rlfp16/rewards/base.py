@@ -14,6 +14,8 @@ import abc
 
 from typing import Any, Callable, Iterable, NamedTuple, Union
 
+from megatron_rlfp16.registry import Registry  # noqa: F401  (re-exported for tasks.py)
+
 
 class Example(NamedTuple):
     """One prompt with its reference answer; unpacks as ``prompt, answer, meta``."""
@@ -63,37 +65,6 @@ class FunctionReward(RewardFn):
 
     def __repr__(self) -> str:
         return f"FunctionReward({self.name or getattr(self.fn, '__qualname__', self.fn)!r})"
-
-
-class Registry:
-    """A table of named entries of one kind ("reward", "task"); duplicates and unknown names raise."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._entries: dict[str, Any] = {}
-
-    def add(self, name: str, entry: Any) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
-        if name in self._entries:
-            old = self._entries[name]
-            where = f"{getattr(old, '__module__', '?')}.{getattr(old, '__qualname__', repr(old))}"
-            raise ValueError(
-                f"{self.kind} {name!r} is already registered (by {where}); registered names: "
-                f"{self.names()}. Pick a new name instead of overwriting."
-            )
-        self._entries[name] = entry
-
-    def get(self, name: str) -> Any:
-        if name not in self._entries:
-            raise ValueError(f"unknown {self.kind} {name!r}; valid: {self.names()}")
-        return self._entries[name]
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(sorted(self._entries))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
 
 
 REWARDS = Registry("reward")
