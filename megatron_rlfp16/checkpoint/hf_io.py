@@ -117,7 +117,7 @@ def write_safetensors_shards(
     max_shard_bytes: int = 2 << 30,
     progress=None,
 ) -> Dict[str, str]:
-    """Writes ``(name, tensor)`` pairs into size-bounded ``model-XXXXX-of-YYYYY.safetensors`` files
+    """Writes ``(name, tensor)`` pairs into size-bounded ``model-0000i-of-0000n.safetensors`` files
     plus an index (a single ``model.safetensors`` when one file suffices). Holds at most one shard's
     tensors in memory. Returns the weight map."""
     from safetensors.torch import save_file
