@@ -1,9 +1,11 @@
 """The embedded default: GRPO in FP16 on CPU, Megatron TP=2 training beside a colocated vLLM engine.
 
     torchrun --nproc_per_node=2 examples/grpo_cpu_demo.py --out runs/demo [--precision fp16|bf16]
+                                                        [--model qwen3_moe --tp 1 --ep 2 --rollout-tp 1]
 
 1. A synthetic task ("reverse: 3 1 4 =" -> "4 1 3") and a SentencePiece tokenizer fitted to it.
-2. A tiny random Llama-shaped model written as an HF checkpoint, loaded by Megatron (TP=2) and vLLM.
+2. A tiny random Llama-shaped model (or a Qwen3-MoE with ``--model qwen3_moe``) written as an HF
+   checkpoint, loaded by Megatron (TP=2 by default) and vLLM.
 3. A short supervised warm start so that sampling gets some answers right.
 4. GRPO (PPO-clip, GRPO advantages, token-TIS correction) with the trainer and the rollout engine
    in the same precision; the weights go into vLLM through the bridge after every step.
@@ -33,7 +35,12 @@ def parse_args(argv=None):
     p.add_argument("--updates-per-step", type=int, default=2,
                    help="optimizer steps per rollout (PPO mini-batches; the clip matters from the 2nd on)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--model", default="llama", choices=["llama", "qwen3_moe"],
+                   help="the tiny model's family: dense Llama or a 4-expert top-2 Qwen3-MoE")
+    p.add_argument("--tp", type=int, default=2, help="training tensor parallelism")
+    p.add_argument("--ep", type=int, default=1, help="training expert parallelism (MoE)")
+    p.add_argument("--rollout-tp", type=int, default=None,
+                   help="rollout engine tensor parallelism (default: --tp); other ranks run replicas")
     p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoint exists")
     return p.parse_args(argv)
 
@@ -49,12 +56,13 @@ def main(argv=None) -> int:
     from megatron_rlfp16.trainer.embedded import embedded_setup
     from megatron_rlfp16.trainer.report import write_summary
 
-    init_runtime(ParallelConfig(tp=args.tp), seed=args.seed)
+    init_runtime(ParallelConfig(tp=args.tp, ep=args.ep), seed=args.seed)
     rank = dist.get_rank()
-    task, tokenizer, hf_dir = embedded_setup(args.out, seed=args.seed)
+    task, tokenizer, hf_dir = embedded_setup(args.out, seed=args.seed, family=args.model)
 
     config = TrainerConfig(
-        hf_dir=hf_dir, out_dir=args.out, tp=args.tp, resume=not args.no_resume,
+        hf_dir=hf_dir, out_dir=args.out, tp=args.tp, ep=args.ep, rollout_tp=args.rollout_tp,
+        resume=not args.no_resume,
         run=RunConfig(steps=args.steps, prompts_per_step=args.prompts_per_step,
                       group_size=args.group_size, max_new_tokens=6, micro_batch_size=32,
                       updates_per_step=args.updates_per_step, lr=args.lr, seed=args.seed),

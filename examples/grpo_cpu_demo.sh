@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+# vLLM logs three INFO lines per weight sync and rank; VLLM_LOGGING_LEVEL=INFO brings them back.
+export VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 examples/grpo_cpu_demo.py "$@"

@@ -95,3 +95,15 @@ def test_help_texts():
     assert proc.returncode == 0, proc.stderr
     for flag in ("--rl-loss", "--rl-correction", "--rl-agg", "--rl-kl-coef", "--dry-run", "--hf-dir", "--ep"):
         assert flag in proc.stdout
+    proc = _run([PY, "examples/grpo_cpu_demo.py", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--model", "--ep", "--rollout-tp", "--precision"):
+        assert flag in proc.stdout
+
+
+def test_embedded_model_family_is_checked(tmp_path):
+    from megatron_rlfp16.trainer.embedded import embedded_setup
+
+    with pytest.raises(ValueError, match=r"family='gpt2'; valid: llama, qwen3_moe"):
+        embedded_setup(str(tmp_path), family="gpt2")
+    assert not list(tmp_path.iterdir())  # nothing written for a bad request

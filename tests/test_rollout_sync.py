@@ -1,5 +1,5 @@
 """Weight sync into the colocated vLLM engine: after ``update_weights`` the engine computes the
-trainer's log-probs, for dense and MoE, training TP=2 into rollout TP=2 and TP=1; a prompt cached
+trainer's log-probs, for dense and MoE, training TP=2 (or EP=2) into rollout TP=2 and TP=1; a prompt cached
 before the update is answered with the new weights; bad prompts are skipped and counted.
 
 Each case is one 2-rank job (trainer TP=2 and the engine on the same two processes), because a
@@ -12,13 +12,13 @@ from megatron_rlfp16.testing.distributed import run_on_ranks
 from megatron_rlfp16.testing.tiny import make_tiny_model
 
 
-def sync_job(hf_dir, rollout_tp):
+def sync_job(hf_dir, rollout_tp, train_tp=2, train_ep=1):
     from megatron_rlfp16.bridge import export_hf, load_hf_checkpoint
     from megatron_rlfp16.models import build_model, read_config_json
     from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine, verify_sync
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
 
-    init_runtime(ParallelConfig(tp=2))
+    init_runtime(ParallelConfig(tp=train_tp, ep=train_ep))
     model, arch = build_model(read_config_json(hf_dir))
     model.eval()
     load_hf_checkpoint(model, arch, hf_dir)
@@ -40,12 +40,16 @@ def sync_job(hf_dir, rollout_tp):
                 skipped=bad.skipped, generated=len(bad))
 
 
-# MoE refit is not here: vLLM-CPU prepacks fused-MoE weights into an ISA-specific layout that its
-# in-place reload does not rebuild correctly (see docs/rollout.md, "Limits").
-@pytest.mark.parametrize("family,rollout_tp", [("llama", 2), ("llama", 1), ("qwen2", 2)])
-def test_engine_matches_trainer_after_sync(tmp_path, family, rollout_tp):
+# MoE cases: vLLM-CPU prepacks expert weights into its grouped-GEMM layout (and pads Mixtral's
+# per-partition intermediate 48 -> 64 at rollout TP=2), which its own in-place reload skips; the
+# engine re-runs that step (``rerun_expert_processing``), checked here against the trainer.
+@pytest.mark.parametrize("family,rollout_tp,train_tp,train_ep", [
+    ("llama", 2, 2, 1), ("llama", 1, 2, 1), ("qwen2", 2, 2, 1),
+    ("qwen3_moe", 2, 2, 1), ("qwen3_moe", 1, 2, 1), ("mixtral", 2, 1, 2),
+])
+def test_engine_matches_trainer_after_sync(tmp_path, family, rollout_tp, train_tp, train_ep):
     hf = make_tiny_model(family, str(tmp_path / family), seed=11)
-    per_rank = run_on_ranks(sync_job, 2, hf, rollout_tp, timeout=600)
+    per_rank = run_on_ranks(sync_job, 2, hf, rollout_tp, train_tp, train_ep, timeout=600)
     for out in per_rank:
         # fp32 on both sides: only summation-order noise remains after the sync.
         assert out["fresh"]["logprob_diff_abs_mean"] < 1e-4, out["fresh"]
@@ -53,6 +57,7 @@ def test_engine_matches_trainer_after_sync(tmp_path, family, rollout_tp):
         # Before the sync the engine scored with the old weights: a far larger difference.
         assert out["stale"]["logprob_diff_abs_mean"] > 100 * max(out["fresh"]["logprob_diff_abs_mean"], 1e-7)
         assert out["stats"]["tensors"] > 0
+        assert (out["stats"]["expert_layers_reprocessed"] > 0) == (family in ("qwen3_moe", "mixtral"))
         # The same prompt (its prefix cached by the first call) now gets new log-probs.
         assert abs(out["before"][0] - out["after"][0]) > 1e-3
         # Empty and over-long prompts are skipped and counted, the good one still runs.

