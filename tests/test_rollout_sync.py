@@ -25,6 +25,10 @@ def sync_job(hf_dir, rollout_tp, train_tp=2, train_ep=1):
     engine = RolloutEngine(hf_dir, RolloutConfig(dtype="float32", tp=rollout_tp, max_model_len=64))
     prompt = [[5, 17, 42, 8, 99, 3]]
     before = engine.generate(prompt, temperature=0.0, max_tokens=6).logprobs[0]
+    # The same request on this engine alone and split over the rollout replicas (TP=1: one per rank).
+    probe = [[5, 17, 42], [], [7, 8, 9, 10], list(range(80)), [11, 12], [13, 14, 15]]
+    whole = engine.generate(probe, n=2, max_tokens=4, seed=3)
+    sharded = engine.generate_sharded(probe, n=2, max_tokens=4, seed=3)
     # Train-like change on the Megatron side: every weight moves, the engine still has the old ones.
     torch.manual_seed(1)  # the same on every rank: replicated weights (norms) must stay equal
     with torch.no_grad():
@@ -37,7 +41,8 @@ def sync_job(hf_dir, rollout_tp, train_tp=2, train_ep=1):
     bad = engine.generate([[], list(range(80)), [1, 2, 3]], max_tokens=4, seed=0)
     engine.close()
     return dict(stale=stale, fresh=fresh, stats=stats, before=before, after=after,
-                skipped=bad.skipped, generated=len(bad))
+                skipped=bad.skipped, generated=len(bad), whole=whole, sharded=sharded,
+                replicas=engine.num_replicas)
 
 
 # MoE cases: vLLM-CPU prepacks expert weights into its grouped-GEMM layout (and pads Mixtral's
@@ -62,3 +67,12 @@ def test_engine_matches_trainer_after_sync(tmp_path, family, rollout_tp, train_t
         assert abs(out["before"][0] - out["after"][0]) > 1e-3
         # Empty and over-long prompts are skipped and counted, the good one still runs.
         assert out["skipped"] == [0, 1] and out["generated"] == 1
+        # Sharded generation: each replica sampled its share, every rank got the whole batch.
+        whole, sharded = out["whole"], out["sharded"]
+        assert out["replicas"] == 2 // rollout_tp
+        assert sharded.skipped == whole.skipped == [1, 3]
+        assert sharded.prompt_index == whole.prompt_index == [0, 0, 2, 2, 4, 4, 5, 5]
+        assert sharded.responses == whole.responses and sharded.prompts == whole.prompts
+        for a, b in zip(sharded.logprobs, whole.logprobs):
+            assert a == pytest.approx(b, abs=1e-4)
+    assert per_rank[0]["sharded"].responses == per_rank[1]["sharded"].responses

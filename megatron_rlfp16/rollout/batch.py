@@ -29,6 +29,15 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.responses)
 
+    @classmethod
+    def concat(cls, parts: List["RolloutBatch"]) -> "RolloutBatch":
+        """Joins batches whose ``prompt_index`` and ``skipped`` already refer to one request."""
+        out = cls(prompts=[], responses=[], logprobs=[], prompt_index=[], finished=[], skipped=[])
+        for part in parts:
+            for field in ("prompts", "responses", "logprobs", "prompt_index", "finished", "skipped"):
+                getattr(out, field).extend(getattr(part, field))
+        return out
+
     def to_tensors(self, pad_id: int = 0, pad_to_multiple: int = 1):
         """``tokens [B, S]``, ``mask [B, S-1]`` (float 0/1), ``rollout_logprobs [B, S-1]``, padded on
         the right; ``S`` rounded up to ``pad_to_multiple`` (sequence parallelism needs S % tp == 0)."""

@@ -35,6 +35,9 @@ class RolloutConfig:
     """Fraction of GPU memory for weights + KV cache (GPU only; colocated with training)."""
     enable_sleep_mode: Optional[bool] = None
     """Release weights and KV cache while training (GPU only); None: on when a GPU is present."""
+    sleep_level: int = 2
+    """vLLM sleep level: 2 discards the weights (the refit after training rewrites them all), 1 keeps
+    a copy in host memory (the engine can then generate again without a refit)."""
     enforce_eager: bool = True
 
     def validate(self) -> None:
@@ -44,6 +47,8 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.tp={self.tp!r}: must be >= 1")
         if self.max_model_len < 2:
             raise ValueError(f"RolloutConfig.max_model_len={self.max_model_len!r}: must be >= 2")
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"RolloutConfig.sleep_level={self.sleep_level!r}; valid: 1, 2")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"RolloutConfig.gpu_memory_utilization={self.gpu_memory_utilization!r}: must be in (0, 1]"
@@ -92,7 +97,14 @@ class RolloutEngine:
         self.dtype = kwargs["dtype"]
         self.llm = LLM(**kwargs)
         _quiet_expected_reload_warnings()
-        self.sleeping = False
+        self.sleep_enabled = bool(on_gpu and kwargs.get("enable_sleep_mode"))
+        self._asleep: set = set()  # the parts ("weights", "kv_cache") released by sleep()
+        self._weights_discarded = False  # sleep level 2 until update_weights refills them
+        # vLLM's layout puts TP innermost: ranks [r*tp, (r+1)*tp) form replica r.
+        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) \
+            if torch.distributed.is_initialized() else (1, 0)
+        self.num_replicas = world // config.tp
+        self.replica_rank = rank // config.tp
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(
@@ -105,19 +117,25 @@ class RolloutEngine:
         max_tokens: int = 64,
         stop_token_ids: Optional[List[int]] = None,
         seed: Optional[int] = None,
+        first_index: int = 0,
     ) -> RolloutBatch:
-        """Samples ``n`` responses per prompt. Prompts that are empty or leave no room for a response
-        within ``max_model_len`` are skipped and listed in ``RolloutBatch.skipped``."""
+        """Samples ``n`` responses per prompt on this engine. Prompts that are empty or leave no room
+        for a response within ``max_model_len`` are skipped and listed in ``RolloutBatch.skipped``.
+
+        ``first_index`` numbers the prompts from there (in ``prompt_index``, ``skipped`` and the
+        per-prompt seeds), for a share of a larger request: see ``generate_sharded``."""
         from vllm import SamplingParams, TokensPrompt
 
         if temperature < 0:
             raise ValueError(f"temperature={temperature!r}: must be >= 0")
+        self.wake_up()
         keep, skipped = [], []
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(prompts, start=first_index):
             (keep if 0 < len(p) < self.config.max_model_len else skipped).append(i)
+        prompts = {i: prompts[i - first_index] for i in keep}
         requests = [TokensPrompt(prompt_token_ids=list(prompts[i])) for i in keep]
         params = []
-        for j, i in enumerate(keep):
+        for i in keep:
             room = self.config.max_model_len - len(prompts[i])
             params.append(SamplingParams(
                 n=n, temperature=temperature, top_p=top_p, max_tokens=min(max_tokens, room),
@@ -137,6 +155,23 @@ class RolloutEngine:
                 batch.prompt_index.append(i)
                 batch.finished.append(comp.finish_reason == "stop")
         return batch
+
+    def generate_sharded(self, prompts: Sequence[Sequence[int]], **kwargs) -> RolloutBatch:
+        """``generate`` with the prompts split over the engine replicas (one per rollout TP group):
+        each replica samples its contiguous share, then every rank receives the whole batch, in
+        prompt order (collective over the world). Per-prompt seeds follow the prompt's position in
+        the whole request, so the samples do not depend on how many replicas there are. With one
+        replica this is ``generate``."""
+        if self.num_replicas == 1:
+            return self.generate(prompts, **kwargs)
+        per = -(-len(prompts) // self.num_replicas)
+        lo = min(self.replica_rank * per, len(prompts))
+        hi = min(lo + per, len(prompts))
+        mine = self.generate(prompts[lo:hi], first_index=lo, **kwargs)
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, mine)
+        # All ranks of a replica hold the same share; take its first rank's.
+        return RolloutBatch.concat(parts[::self.config.tp])
 
     # ---- weights ------------------------------------------------------------------------------
     def _runner(self):
@@ -167,6 +202,7 @@ class RolloutEngine:
                 nbytes += t.numel() * t.element_size()
                 yield name, t
 
+        self.wake_up(tags=["weights"])  # the KV cache stays released until the next generate
         runner = self._runner()
         patched = 0
         if self._loaders_intact(runner.model) or not hasattr(runner, "reload_weights"):
@@ -174,6 +210,7 @@ class RolloutEngine:
         else:
             with rerun_expert_processing(runner.model) as patched:
                 runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        self._weights_discarded = False
         self.llm.reset_prefix_cache()
         return dict(tensors=count, bytes=nbytes, expert_layers_reprocessed=patched,
                     seconds=time.perf_counter() - start)
@@ -187,16 +224,39 @@ class RolloutEngine:
             self.llm = None
 
     # ---- GPU memory ---------------------------------------------------------------------------
-    def sleep(self) -> None:
-        """Frees weights and KV cache for the training phase (GPU with sleep mode; no-op on CPU)."""
-        if torch.cuda.is_available() and not self.sleeping and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
-            self.llm.sleep(level=1)
-            self.sleeping = True
+    @property
+    def sleeping(self) -> bool:
+        return bool(self._asleep)
 
-    def wake_up(self) -> None:
-        if self.sleeping:
-            self.llm.wake_up()
-            self.sleeping = False
+    def sleep(self) -> None:
+        """Releases the engine's GPU memory (weights and KV cache) for the training phase.
+
+        With ``sleep_level=2`` the weights are discarded: the next ``update_weights`` wakes them and
+        rewrites every one, and the KV cache comes back with the next ``generate``, so the training
+        phase and the refit never hold the KV cache. A no-op without sleep mode (CPU)."""
+        if not self.sleep_enabled or self._asleep:
+            return
+        self.llm.sleep(level=self.config.sleep_level)
+        self._asleep = {"weights", "kv_cache"}
+        self._weights_discarded = self.config.sleep_level == 2
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Re-allocates the released parts (``tags`` a subset of ``("weights", "kv_cache")``; None:
+        all). Waking for generation after a level-2 sleep without a refit in between is refused:
+        the weights' memory would come back with undefined contents."""
+        wanted = set(tags) if tags is not None else {"weights", "kv_cache"}
+        unknown = wanted - {"weights", "kv_cache"}
+        if unknown:
+            raise ValueError(f"wake_up tags={sorted(wanted)}: valid tags are 'weights', 'kv_cache'")
+        parts = sorted(self._asleep & wanted)
+        if "kv_cache" in parts and self._weights_discarded:
+            raise RuntimeError(
+                "the rollout engine slept with sleep_level=2, which discards its weights; call "
+                "update_weights(...) before generating (or use RolloutConfig.sleep_level=1)"
+            )
+        if parts:
+            self.llm.wake_up(tags=parts)
+            self._asleep -= set(parts)
 
 
 @contextlib.contextmanager

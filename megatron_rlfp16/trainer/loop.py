@@ -2,8 +2,9 @@
 
 Every rank runs the same loop (SPMD under torchrun). Trainer and rollout engine share the ranks:
 Megatron trains with TP/PP/DP, vLLM rolls out with its own TP on the same processes, and after each
-step the bridge's export generator streams the new weights into the engine in buckets. All ranks
-generate the same rollouts (same seeds); each data-parallel rank trains on its slice.
+step the bridge's export generator streams the new weights into the engine in buckets. Each rollout
+TP group samples its share of the step's prompts and all ranks then hold the whole batch; each
+data-parallel rank trains on its slice.
 """
 from __future__ import annotations
 
@@ -83,9 +84,12 @@ class Trainer:
         t0 = time.perf_counter()
         examples = self.source.prompts(self.step, run.prompts_per_step)
         prompts = [self.source.encode_prompt(e) for e in examples]
-        batch = self.engine.generate(prompts, n=run.group_size, temperature=run.temperature,
-                                     max_tokens=run.max_new_tokens, stop_token_ids=[self.source.eos_id],
-                                     seed=run.seed * 7919 + self.step * 104729)
+        batch = self.engine.generate_sharded(
+            prompts, n=run.group_size, temperature=run.temperature, max_tokens=run.max_new_tokens,
+            stop_token_ids=[self.source.eos_id], seed=run.seed * 7919 + self.step * 104729)
+        # GPU: the engine's weights and KV cache make room for training; the sync wakes the weights
+        # and the next rollout the KV cache (no-op on CPU).
+        self.engine.sleep()
         t_rollout = time.perf_counter()
         kept = [i for i in range(len(examples)) if i not in set(batch.skipped)]
         rewards = torch.tensor([
