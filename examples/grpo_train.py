@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=1, help="Megatron pipeline-parallel size")
     p.add_argument("--ep", type=int, default=1, help="Megatron expert-parallel size (MoE models)")
     p.add_argument("--rollout-tp", type=int, default=None, help="vLLM tensor-parallel size (default: --tp)")
+    p.add_argument("--rollout-gpu-memory-utilization", type=float, default=0.4,
+                   help="share of GPU memory for vLLM's weights and KV cache (colocated with training)")
+    p.add_argument("--rollout-sleep-level", type=int, default=2, choices=[1, 2],
+                   help="vLLM sleep level while training: 2 discards its weights (the refit rewrites "
+                        "them), 1 keeps a host copy")
     p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="trainer and rollout precision (the same for both)")
     p.add_argument("--steps", type=int, default=100, help="GRPO steps")
@@ -64,7 +69,8 @@ def build_config(args: argparse.Namespace):
     )
     config = TrainerConfig(
         hf_dir=args.hf_dir, out_dir=args.out, tp=args.tp, pp=args.pp, ep=args.ep,
-        rollout_tp=args.rollout_tp, run=run, loss=rl.loss, resume=not args.no_resume,
+        rollout_tp=args.rollout_tp, rollout_gpu_memory_utilization=args.rollout_gpu_memory_utilization,
+        rollout_sleep_level=args.rollout_sleep_level, run=run, loss=rl.loss, resume=not args.no_resume,
         precision=PrecisionConfig(trainer=args.precision),
     )
     return config.validate()

@@ -84,6 +84,10 @@ class TrainerConfig:
     ep: int = 1
     rollout_tp: Optional[int] = None
     """Rollout engine TP; None: the trainer's TP."""
+    rollout_gpu_memory_utilization: float = 0.4
+    """Share of GPU memory for the engine's weights and KV cache (GPU only)."""
+    rollout_sleep_level: int = 2
+    """vLLM sleep level while training (GPU only): 2 discards the engine's weights, 1 keeps a host copy."""
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
@@ -102,4 +106,9 @@ class TrainerConfig:
                 raise ValueError(f"TrainerConfig.{name}={getattr(self, name)!r}: must be >= 1")
         if self.rollout_tp is not None and self.rollout_tp < 1:
             raise ValueError(f"TrainerConfig.rollout_tp={self.rollout_tp!r}: must be >= 1")
+        if self.rollout_sleep_level not in (1, 2):
+            raise ValueError(f"TrainerConfig.rollout_sleep_level={self.rollout_sleep_level!r}; valid: 1, 2")
+        if not 0 < self.rollout_gpu_memory_utilization <= 1:
+            raise ValueError("TrainerConfig.rollout_gpu_memory_utilization="
+                             f"{self.rollout_gpu_memory_utilization!r}: must be in (0, 1]")
         return self

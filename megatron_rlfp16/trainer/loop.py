@@ -57,7 +57,9 @@ class Trainer:
         self.engine = RolloutEngine(
             config.hf_dir,
             RolloutConfig(dtype=precision.rollout_precision.vllm_dtype, tp=config.rollout_tp or config.tp,
-                          seed=run.seed, max_model_len=self._max_model_len()),
+                          seed=run.seed, max_model_len=self._max_model_len(),
+                          gpu_memory_utilization=config.rollout_gpu_memory_utilization,
+                          sleep_level=config.rollout_sleep_level),
             engine_kwargs=precision.vllm_kwargs(),
         )
         self.rank = dist.get_rank()
