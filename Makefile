@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/export_bench.py --json runs/bench/export.json
 	$(PY) bench/logprob_bench.py --json runs/bench/logprob.json
 	$(PY) bench/guard_bench.py --json runs/bench/guard.json
+	$(PY) bench/refit_bench.py --json runs/bench/refit.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

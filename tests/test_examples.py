@@ -113,3 +113,10 @@ def test_embedded_model_family_is_checked(tmp_path):
     with pytest.raises(ValueError, match=r"family='gpt2'; valid: llama, qwen3_moe"):
         embedded_setup(str(tmp_path), family="gpt2")
     assert not list(tmp_path.iterdir())  # nothing written for a bad request
+
+
+@pytest.mark.parametrize("script", ["export_bench", "logprob_bench", "guard_bench", "refit_bench"])
+def test_bench_scripts_show_help(script):
+    proc = _run([PY, f"bench/{script}.py", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--json" in proc.stdout
