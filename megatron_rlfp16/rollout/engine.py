@@ -132,11 +132,11 @@ class RolloutEngine:
         keep, skipped = [], []
         for i, p in enumerate(prompts, start=first_index):
             (keep if 0 < len(p) < self.config.max_model_len else skipped).append(i)
-        prompts = {i: prompts[i - first_index] for i in keep}
-        requests = [TokensPrompt(prompt_token_ids=list(prompts[i])) for i in keep]
+        by_index = {i: prompts[i - first_index] for i in keep}
+        requests = [TokensPrompt(prompt_token_ids=list(by_index[i])) for i in keep]
         params = []
         for i in keep:
-            room = self.config.max_model_len - len(prompts[i])
+            room = self.config.max_model_len - len(by_index[i])
             params.append(SamplingParams(
                 n=n, temperature=temperature, top_p=top_p, max_tokens=min(max_tokens, room),
                 logprobs=0, detokenize=False, stop_token_ids=stop_token_ids,
@@ -149,7 +149,7 @@ class RolloutEngine:
         for i, out in zip(keep, outputs):
             for comp in out.outputs:
                 ids = list(comp.token_ids)
-                batch.prompts.append(list(prompts[i]))
+                batch.prompts.append(list(by_index[i]))
                 batch.responses.append(ids)
                 batch.logprobs.append([lp[t].logprob for t, lp in zip(ids, comp.logprobs)])
                 batch.prompt_index.append(i)
