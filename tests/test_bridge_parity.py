@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from megatron_rlfp16.testing.distributed import run_on_ranks
 from megatron_rlfp16.testing.tiny import FAMILIES, MOE_FAMILIES, hf_logits, make_tiny_model
 
+pytestmark = pytest.mark.ranks
+
 # The default tiny configs, and a variant with tied embeddings and a single KV head (fewer query
 # groups than TP=2); every tiny vocabulary (300) is not a multiple of 128.
 VARIANTS = {"base": {}, "tied_kv1": dict(tie_word_embeddings=True, num_key_value_heads=1)}

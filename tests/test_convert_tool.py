@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from megatron_rlfp16.testing.distributed import run_on_ranks
 from megatron_rlfp16.testing.tiny import make_tiny_model
 
+pytestmark = pytest.mark.ranks
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IDS = (torch.arange(2 * 10).reshape(2, 10) * 13 + 3) % 300
 

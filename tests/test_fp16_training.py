@@ -21,6 +21,8 @@ import torch
 
 from megatron_rlfp16.testing.distributed import run_on_ranks
 
+pytestmark = pytest.mark.ranks
+
 VOCAB, SEQ, MICRO, NUM_MICRO, LR = 300, 16, 2, 2, 1e-2
 SPIKE = 1e8  # loss multiplier that overflows FP16 gradients at any loss scale >= 1
 

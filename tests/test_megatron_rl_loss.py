@@ -16,6 +16,8 @@ import torch
 from megatron_rlfp16.losses import PolicyLossConfig, policy_loss
 from megatron_rlfp16.testing.distributed import run_on_ranks
 
+pytestmark = pytest.mark.ranks
+
 NUM_SEQS, SEQ_LEN, MICRO_BATCH = 8, 12, 2
 RUNS = [  # (loss config, temperature)
     (PolicyLossConfig(loss="ppo_clip", agg="token-mean", correction="token_tis", kl_coef=0.05,

@@ -14,6 +14,8 @@ from megatron_rlfp16.diagnostics import mismatch_report as report
 from megatron_rlfp16.testing.distributed import run_on_ranks
 from megatron_rlfp16.testing.tiny import make_tiny_model
 
+pytestmark = pytest.mark.vllm
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -11,6 +11,7 @@ import torch
 from megatron_rlfp16.testing.distributed import run_on_ranks
 from megatron_rlfp16.testing.tiny import make_tiny_model
 
+pytestmark = pytest.mark.vllm
 
 def sync_job(hf_dir, rollout_tp, train_tp=2, train_ep=1):
     from megatron_rlfp16.bridge import export_hf, load_hf_checkpoint

@@ -50,6 +50,7 @@ def te_job(hf_dir):
                 expected={to_te(n, has_moe=arch.is_moe): t for n, t in local.items()})
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_te_named_state_dicts_round_trip(tmp_path, family):
     hf = make_tiny_model(family, str(tmp_path / family), seed=7)

@@ -3,11 +3,13 @@ beside two independent rollout engines (rollout TP=1 on each rank), in FP16. The
 engines before the first rollout and after every step, so each step's mismatch metric is a check of
 the MoE weight sync: stale or mis-laid-out experts put prob_diff_mean near 6e-2 here, FP16 rounding
 about 2e-5."""
+import pytest
 import json
 import math
 
 from megatron_rlfp16.testing.distributed import run_on_ranks
 
+pytestmark = pytest.mark.vllm
 
 def moe_job(out_dir):
     from megatron_rlfp16.losses import PolicyLossConfig

@@ -7,6 +7,8 @@ import pytest
 
 from megatron_rlfp16.testing.distributed import run_on_ranks
 
+pytestmark = pytest.mark.vllm
+
 KEYS = ("reward", "loss", "loss_scale", "skipped_steps", "mismatch/prob_diff_mean",
         "mismatch/kl_k3", "clip_frac", "response_length")
 

@@ -25,6 +25,8 @@ from megatron_rlfp16.testing.distributed import run_on_ranks
 from megatron_rlfp16.testing.tiny import make_tiny_model
 from megatron_rlfp16.testing.vllm_ref import hf_greedy, hf_score, load_hf_model, vllm_generate
 
+pytestmark = pytest.mark.vllm
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_TOKENS = 8
 LOGPROB_TOL = 1e-4

@@ -99,6 +99,7 @@ def test_single_shard_matches_log_softmax(i, case):
     _check([res], i, dtype, temperature, chunk, with_entropy, 300, 384)
 
 
+@pytest.mark.ranks
 def test_tp2_matches_gathered_log_softmax():
     # Megatron's padding (300 -> 384) for the main cases; then a width of 256 for a vocabulary of
     # 100, so that rank 1's shard (columns 128..255) holds no real column at all.

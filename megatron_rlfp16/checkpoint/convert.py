@@ -20,20 +20,23 @@ from megatron_rlfp16.checkpoint.megatron_ckpt import (
     checkpoint_dtype, load_megatron_checkpoint, read_meta, save_megatron_checkpoint,
 )
 from megatron_rlfp16.models.hf_config import check_layout, parse_hf_config, read_config_json
+from megatron_rlfp16.precision.dtypes import Precision, config_precision, dtype_name
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = tuple(sorted(p.vllm_dtype for p in Precision))
+"""The ``--dtype`` spellings the tool offers (any ``Precision.parse`` spelling is accepted)."""
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r} is not valid; valid: {sorted(DTYPES)}")
-    return DTYPES[name]
+    try:
+        return Precision.parse(name, field="--dtype").torch_dtype
+    except ValueError:
+        raise ValueError(f"--dtype {name!r} is not valid; valid: {list(DTYPES)}") from None
 
 
 def config_dtype(cfg: Dict[str, Any]) -> str:
-    """The dtype an HF config declares (``dtype`` in transformers 5, ``torch_dtype`` in 4.x)."""
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return name if name in DTYPES else "float32"
+    """The dtype an HF config declares (``dtype`` in transformers 5, ``torch_dtype`` in 4.x), as its
+    long name; FP32 when it declares none or one this project does not train in."""
+    return config_precision(cfg).vllm_dtype
 
 
 def validate_import(hf_dir: str, megatron_dir: str, *, tp: int, pp: int, ep: int, overwrite: bool):
@@ -77,7 +80,7 @@ def import_rank(hf_dir: str, megatron_dir: str, *, tp: int, pp: int, ep: int, dt
     model, arch = build_model(cfg, params_dtype=parse_dtype(dtype))
     _log(f"[import] loading {hf_dir} into {arch.family} at tp={tp} pp={pp} ep={ep} ({dtype})")
     load_hf_checkpoint(model, arch, hf_dir)
-    cfg = dict(cfg, dtype=dtype)
+    cfg = dict(cfg, dtype=dtype_name(dtype))
     save_megatron_checkpoint(model, megatron_dir, hf_config=cfg, overwrite=overwrite, copy_files_from=hf_dir)
     _log(f"[import] wrote distributed checkpoint {megatron_dir}")
 
@@ -114,7 +117,7 @@ def export_rank(megatron_dir: str, hf_dir: str, *, tp: int, pp: int, ep: int, dt
 
     with AtomicDir(hf_dir, overwrite=overwrite) as tmp:
         write_safetensors_shards(stream, tmp, max_shard_bytes=max_shard_bytes, progress=progress)
-        name = str(out_dtype).removeprefix("torch.")
+        name = dtype_name(out_dtype)
         cfg = dict(cfg, dtype=name, torch_dtype=name)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)

@@ -92,9 +92,11 @@ def save_megatron_checkpoint(
         dist_checkpointing.save(sharded, tmp)
         _barrier()
         if _is_rank0():
+            from megatron_rlfp16.precision.dtypes import dtype_name
+
             dtype = next(bare.parameters()).dtype
             meta = dict(format_version=FORMAT_VERSION, hf_config=hf_config,
-                        dtype=str(dtype).removeprefix("torch."))
+                        dtype=dtype_name(dtype))
             with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=2)
             copy_side_files(copy_files_from, tmp)
@@ -133,4 +135,7 @@ def load_megatron_checkpoint(model, ckpt_dir: str, *, extra_state: Optional[Dict
 
 
 def checkpoint_dtype(meta: Dict[str, Any]) -> torch.dtype:
-    return getattr(torch, meta.get("dtype", "float32"))
+    """The dtype the checkpoint's weights were saved in (FP32 when its metadata names none)."""
+    from megatron_rlfp16.precision.dtypes import Precision
+
+    return Precision.parse(meta.get("dtype") or Precision.FP32, field="rlfp16.json dtype").torch_dtype

@@ -8,26 +8,30 @@ compares the two. Each dtype runs in fresh processes so that engines never share
 from __future__ import annotations
 
 import json
-import math
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 
-DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 def parse_dtypes(text: str) -> List[str]:
-    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+    """``--dtypes``: comma-separated precisions in any spelling ``Precision.parse`` reads, returned
+    as vLLM's long names (the report's column titles), without duplicates."""
+    from megatron_rlfp16.precision import Precision
+
     out = []
     for raw in text.split(","):
-        name = aliases.get(raw.strip(), raw.strip())
-        if name not in DTYPE_NAMES:
-            raise ValueError(f"--dtypes: {raw.strip()!r} is not a dtype; valid: {sorted(DTYPE_NAMES)}")
+        if not raw.strip():
+            continue
+        try:
+            name = Precision.parse(raw, field="--dtypes").vllm_dtype
+        except ValueError as err:
+            valid = ", ".join(p.vllm_dtype for p in Precision)
+            raise ValueError(f"--dtypes: {raw.strip()!r} is not a dtype; valid: {valid} ({err})") from None
         if name not in out:
             out.append(name)
     if not out:
-        raise ValueError("--dtypes is empty; give e.g. float16,bfloat16,float32")
+        example = ",".join(p.vllm_dtype for p in Precision)
+        raise ValueError(f"--dtypes is empty; give e.g. {example}")
     return out
 
 
@@ -41,29 +45,28 @@ def make_prompts(vocab_size: int, num_prompts: int, prompt_len: int, seed: int) 
 def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16, prompt_len: int = 16,
                  max_tokens: int = 48, temperature: float = 1.0, seed: int = 0) -> Dict:
     """One dtype, run on every rank of a world of ``tp`` ranks. Returns metrics and per-token data."""
-    from megatron_rlfp16.bridge import load_hf_checkpoint
     from megatron_rlfp16.megatron.recompute import compute_logprobs
     from megatron_rlfp16.mismatch import mismatch_metrics
-    from megatron_rlfp16.models import build_model, read_config_json
+    from megatron_rlfp16.plan import build_engine, build_model, resolve_plan
+    from megatron_rlfp16.plan.build import init_runtime
     from megatron_rlfp16.precision import PrecisionConfig
-    from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine
-    from megatron_rlfp16.runtime import ParallelConfig, init_runtime
+    from megatron_rlfp16.rollout import RolloutConfig
+    from megatron_rlfp16.runtime import ParallelConfig
+    from megatron_rlfp16.trainer.config import TrainerConfig
 
-    init_runtime(ParallelConfig(tp=tp), seed=seed)
-    # One PrecisionConfig drives both sides, FP32 islands included, exactly as in training.
-    precision = PrecisionConfig(trainer=dtype)
-    model, arch = build_model(read_config_json(hf_dir), params_dtype=precision.trainer.torch_dtype,
-                              config_overrides=precision.transformer_overrides())
+    # The trainer's own plan: one PrecisionConfig drives both sides, FP32 islands included.
+    plan = resolve_plan(TrainerConfig(
+        hf_dir=hf_dir, parallel=ParallelConfig(tp=tp), precision=PrecisionConfig(trainer=dtype),
+        rollout=RolloutConfig(tp=tp, seed=seed, max_model_len=prompt_len + max_tokens + 1),
+    ), hf_config=None)
+    init_runtime(plan, seed=seed)
+    model = build_model(plan)
     model.eval()
-    load_hf_checkpoint(model, arch, hf_dir)
-    precision.prepare_model(model)
-    engine = RolloutEngine(hf_dir, RolloutConfig(dtype=dtype, tp=tp, seed=seed,
-                                                 max_model_len=prompt_len + max_tokens + 1),
-                           engine_kwargs=precision.vllm_kwargs())
+    arch = plan.arch
+    engine = build_engine(plan)
     prompts = make_prompts(arch.vocab_size, num_prompts, prompt_len, seed)
     batch = engine.generate(prompts, temperature=temperature, max_tokens=max_tokens, seed=seed)
-    pad = tp if (arch.is_moe and tp > 1) else 1  # sequence parallelism needs S % tp == 0
-    tokens, mask, rollout = batch.to_tensors(pad_to_multiple=pad)
+    tokens, mask, rollout = batch.to_tensors(pad_to_multiple=plan.seq_multiple)
     train = compute_logprobs(model, [dict(input_ids=tokens)], vocab_size=arch.vocab_size,
                              temperature=temperature)
     engine.close()  # last: vLLM's teardown also ends the process group
@@ -84,14 +87,17 @@ def write_report(results: Dict[str, Dict], out_dir: str, *, title: str = "") -> 
 
 
 def format_table(summary: Dict[str, Dict[str, float]]) -> str:
+    from megatron_rlfp16.precision import Precision
+
     keys = ["prob_diff_mean", "prob_diff_max", "logprob_diff_abs_mean", "kl_k3", "seq_log_ratio_abs_mean",
             "ratio_max", "pearson_prob"]
     dtypes = list(summary)
     lines = [f"{'metric':<26}" + "".join(f"{d:>14}" for d in dtypes)]
     for k in keys:
         lines.append(f"{k:<26}" + "".join(f"{summary[d].get(k, float('nan')):>14.3e}" for d in dtypes))
-    if "float16" in summary and "bfloat16" in summary and summary["float16"]["prob_diff_mean"] > 0:
-        ratio = summary["bfloat16"]["prob_diff_mean"] / summary["float16"]["prob_diff_mean"]
+    fp16, bf16 = Precision.FP16.vllm_dtype, Precision.BF16.vllm_dtype
+    if fp16 in summary and bf16 in summary and summary[fp16]["prob_diff_mean"] > 0:
+        ratio = summary[bf16]["prob_diff_mean"] / summary[fp16]["prob_diff_mean"]
         lines.append(f"bf16/fp16 prob_diff_mean ratio: {ratio:.1f}x")
     return "\n".join(lines)
 

@@ -42,9 +42,6 @@ class RLConfig:
     """Sampling temperature of the rollout; the trainer scores log-probs at the same temperature
     (softmax(logits / T)) so that every ratio compares the same distribution."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> "RLConfig":
         self.loss.validate()
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
@@ -162,7 +159,8 @@ def rl_config_from_args(args: argparse.Namespace) -> RLConfig:
     """``RLConfig`` (loss config plus advantage estimator, group size, temperature) of parsed flags."""
     loss = loss_config_from_args(args)
     try:
-        return RLConfig(loss=loss, **{field: getattr(args, _dest(flag)) for field, flag in _RL_FLAGS.items()})
+        return RLConfig(loss=loss, **{field: getattr(args, _dest(flag)) for field, flag in _RL_FLAGS.items()}
+                        ).validate()
     except ValueError as err:
         raise _reraise_with_flag(err, _RL_FLAGS, "RLConfig") from None
 

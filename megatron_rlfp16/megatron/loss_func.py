@@ -10,15 +10,17 @@ How the pieces compose with ``forward_backward_func`` (megatron-core 0.16.1, che
    summed over all its micro-batches and all-reduced over the data-parallel group
    (``global_counts``). Every micro-batch's ``policy_loss`` divides by these: the loss of micro-batch
    k on DP rank r is ℓ_{k,r} and Σ_{k,r} ℓ_{k,r} = L, the policy loss of the whole global batch.
-2. The loss function returns Megatron's per-token 3-tuple ``(N·ℓ_{k,r}, n_{k,r}, metrics)`` with
-   n_{k,r} the micro-batch's own token count, and the model config has
-   ``calculate_per_token_loss=True``. With that flag the schedule leaves a 3-tuple's loss as it is
-   (no division by the micro-batch's tokens or by ``num_microbatches``), Megatron's DDP *sums*
-   gradients over DP (``gradient_scaling_factor = 1``), and ``finalize_model_grads`` divides the
-   summed gradient by Σ_{k,r} n_{k,r} = N. Net factor: N / N = 1, so the reduced gradient is
-   exactly ∇L for every aggregation (the scaling by N is what makes the per-token convention carry
-   sequence-level denominators too). This is stock Megatron-LM's ``--calculate-per-token-loss``
-   path, so the same loss function works in Megatron-LM's own training loop.
+2. The loss function returns Megatron's standard 2-tuple ``(M·D·ℓ_{k,r}, metrics)``, with M the
+   step's micro-batches per rank and D the data-parallel size, and the model config has
+   ``calculate_per_token_loss=False`` (Megatron's default). The schedule divides a 2-tuple's loss by
+   M, Megatron's DDP scales gradients by 1/D before summing them over DP, and ``finalize_model_grads``
+   divides by nothing more: net factor M·D / (M·D) = 1, so the reduced gradient is exactly ∇L for
+   every aggregation, and the backward of each micro-batch carries D·ℓ_{k,r} ≈ L/M — the gradient
+   magnitude of a mean loss, as in Megatron-LM pretraining and verl. That is what the FP16 loss
+   scale is calibrated against: Megatron's per-token 3-tuple (``N·ℓ``, divided by N only after the
+   reduction) would carry N× larger FP16 gradients through the backward, and the dynamic scale
+   would settle N× lower than the real headroom (docs/fp16.md, "Why the scale no longer settles
+   low"). The same loss function works in Megatron-LM's own training loop with its default flags.
 
 If the counts were instead taken per micro-batch, each micro-batch's tokens would be weighted by
 1/(its own size): the objective would change with the way the batch was split (docs/losses.md).
@@ -33,6 +35,8 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
 
 from megatron_rlfp16.bridge.context import unwrap
 from megatron_rlfp16.logprobs import next_token_logprobs, vocab_parallel_logprobs
@@ -53,6 +57,15 @@ class GlobalCounts:
     """0-dim float32: response tokens (``loss_mask`` entries) over all micro-batches and DP ranks."""
     num_seqs: torch.Tensor
     """0-dim float32: sequences with at least one response token, same scope."""
+    num_microbatches: int = 1
+    """Micro-batches per rank in the step (what ``forward_backward_func`` divides a loss by)."""
+    dp_size: int = 1
+    """Data-parallel ranks the gradients are averaged over (Megatron DDP's 1/DP scaling)."""
+
+    @property
+    def loss_multiplier(self) -> int:
+        """M·D: undoes the schedule's 1/M and DDP's 1/D, so the summed gradient is ∇L."""
+        return self.num_microbatches * self.dp_size
 
 
 def global_counts(micro_batches: Sequence[MicroBatch], dp_group=None) -> GlobalCounts:
@@ -62,6 +75,7 @@ def global_counts(micro_batches: Sequence[MicroBatch], dp_group=None) -> GlobalC
     the reduction order; at least 1 each, so an all-padding step divides by 1 instead of 0.
     """
     counts = torch.zeros(2, dtype=torch.int64)
+    dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
     for mb in micro_batches:
         mask = mb["loss_mask"] != 0
         counts[0] += mask.sum().cpu()
@@ -70,8 +84,9 @@ def global_counts(micro_batches: Sequence[MicroBatch], dp_group=None) -> GlobalC
         device = _comm_device()
         counts = counts.to(device)
         dist.all_reduce(counts, group=dp_group)
-    counts = counts.clamp(min=1).to(torch.float32)
-    return GlobalCounts(num_tokens=counts[0], num_seqs=counts[1])
+    counts = counts.clamp(min=1).to(ACCUM_DTYPE)
+    return GlobalCounts(num_tokens=counts[0], num_seqs=counts[1], num_microbatches=len(micro_batches),
+                        dp_size=dp_size)
 
 
 def _comm_device() -> torch.device:
@@ -152,11 +167,12 @@ def rl_loss_func(
     loss_config: PolicyLossConfig,
     counts: GlobalCounts,
 ):
-    """Megatron loss function for one micro-batch: ``(N·loss, n_local, metrics)`` (module docstring).
+    """Megatron loss function for one micro-batch: ``(M·D·loss, metrics)`` (module docstring).
 
     ``output_tensor`` is the last stage's output under ``logprobs_head``: log-probs ``[B, S-1]``, or
-    ``[2, B, S-1]`` log-probs and entropy. Needs ``calculate_per_token_loss=True`` in the model
-    config (``wrap_ddp`` sets it).
+    ``[2, B, S-1]`` log-probs and entropy. Needs ``calculate_per_token_loss=False`` in the model
+    config (Megatron's default; ``wrap_ddp`` makes sure). ``metrics["loss"]`` is the
+    ``[N·loss, n_local]`` pair, so summed over the step and divided it is the step's loss.
     """
     if output_tensor.dim() == 3:
         logprobs, entropy = output_tensor[0], output_tensor[1]
@@ -169,14 +185,14 @@ def rl_loss_func(
         num_tokens=counts.num_tokens.to(logprobs.device), num_seqs=counts.num_seqs.to(logprobs.device),
     )
     n_local = mask.sum().to(torch.int)
-    scaled = loss * counts.num_tokens.to(loss.device)
-    reported: Dict[str, torch.Tensor] = {"loss": torch.stack([scaled.detach(), n_local.to(loss.dtype)])}
+    per_token = loss.detach() * counts.num_tokens.to(loss.device)
+    reported: Dict[str, torch.Tensor] = {"loss": torch.stack([per_token, n_local.to(loss.dtype)])}
     for key, value in metrics.items():
         if key in MAX_METRICS:
             reported[key] = value.view(1)
         else:
             reported[key] = torch.stack([value * n_local, n_local.to(value.dtype)])
-    return scaled, n_local, reported
+    return loss * counts.loss_multiplier, reported
 
 
 def make_forward_step(

@@ -1,8 +1,9 @@
 """One RL optimizer step's forward and backward through Megatron's pipeline schedules.
 
-``wrap_ddp`` wraps a ``GPTModel`` in Megatron's ``DistributedDataParallel`` set up for the
-per-token loss convention (see ``loss_func``): gradients are summed over data parallel and divided
-once by the step's global token count in ``finalize_model_grads``. ``train_step`` computes the
+``wrap_ddp`` wraps a ``GPTModel`` in Megatron's ``DistributedDataParallel`` with Megatron's default
+loss convention (see ``loss_func``): the schedule divides each micro-batch's loss by the number of
+micro-batches and DDP averages over data parallel; the loss undoes both, so the gradient is exactly
+that of the global batch's loss. ``train_step`` computes the
 global counts (collective over DP, before any backward), runs ``forward_backward_func`` over the
 micro-batches and returns the step's reduced metrics on every rank. The optimizer step is the
 caller's (Megatron's ``get_megatron_optimizer`` works on the wrapped model as usual).
@@ -19,15 +20,16 @@ from megatron_rlfp16.megatron.batch import MicroBatch, check_micro_batches
 from megatron_rlfp16.megatron.loss_func import GlobalCounts, global_counts, make_forward_step
 
 
-def wrap_ddp(model, *, grad_reduce_in_fp32: bool = True, bucket_size: Optional[int] = None,
-             overlap_grad_reduce: bool = False):
+def wrap_ddp(model, **ddp_config):
     """Megatron DDP around ``model`` for the RL loss; sets the model config's
-    ``calculate_per_token_loss``, ``finalize_model_grads_func`` and ``no_sync_func``.
+    ``finalize_model_grads_func`` and ``no_sync_func``.
 
-    ``calculate_per_token_loss`` must be set before DDP is built: DDP reads it once to choose its
-    gradient scaling (1 = sum over DP, instead of 1/DP = mean). The flag also puts Megatron's MoE
-    auxiliary losses on the per-token convention (their gradients are divided by the step's tokens
-    too); the builder's MoE configs use no auxiliary loss.
+    ``ddp_config`` are ``DistributedDataParallelConfig`` fields (the run plan passes the precision's
+    ``grad_reduce_in_fp32`` and ``check_for_nan_in_grad`` with the rest of its DDP settings);
+    unset ones keep Megatron's defaults, except ``grad_reduce_in_fp32=True``. The RL loss follows
+    Megatron's default loss convention (``calculate_per_token_loss=False``, see ``loss_func``): DDP
+    reads that flag once, when built, to choose its gradient scaling (1/DP), so a config that has it
+    on is refused here rather than silently mis-scaled.
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -36,15 +38,15 @@ def wrap_ddp(model, *, grad_reduce_in_fp32: bool = True, bucket_size: Optional[i
     )
 
     config = model.config
-    config.calculate_per_token_loss = True
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_grad_reduce,
-            use_distributed_optimizer=False, bucket_size=bucket_size,
-        ),
-        model,
-    )
+    if config.calculate_per_token_loss:
+        raise ValueError(
+            "model config has calculate_per_token_loss=True: the RL loss returns Megatron's standard "
+            "(loss, metrics) 2-tuple with its own global denominators; build the model with "
+            "calculate_per_token_loss=False (the default)"
+        )
+    ddp_config = dict(ddp_config)
+    ddp_config.setdefault("grad_reduce_in_fp32", True)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(**ddp_config), model)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return ddp
@@ -57,10 +59,12 @@ def _check_model(model) -> None:
             f"train_step needs a model wrapped in Megatron's DistributedDataParallel (use wrap_ddp), "
             f"got {type(model).__name__}"
         )
-    if not config.calculate_per_token_loss:
+    if config.calculate_per_token_loss:
         raise ValueError(
-            "model config has calculate_per_token_loss=False: the RL loss returns Megatron's per-token "
-            "3-tuple and relies on the flag (set it before building DDP, as wrap_ddp does)"
+            "model config has calculate_per_token_loss=True: DDP would sum gradients over DP and "
+            "divide by a token count the RL loss (a (loss, metrics) 2-tuple with global "
+            "denominators) never reports; build DDP with calculate_per_token_loss=False (the "
+            "default, as wrap_ddp does)"
         )
     if config.finalize_model_grads_func is None:
         raise ValueError("model config has no finalize_model_grads_func: DP gradients would not be reduced")

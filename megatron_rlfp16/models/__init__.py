@@ -1,5 +1,7 @@
 """Model construction: HF config -> Megatron ``TransformerConfig`` / ``GPTModel``."""
-from megatron_rlfp16.models.builder import build_model, causal_mask, layer_spec, transformer_config
+from megatron_rlfp16.models.builder import (
+    build_model, causal_mask, layer_spec, sequence_multiple, transformer_config, uses_sequence_parallel,
+)
 from megatron_rlfp16.models.hf_config import (
     FAMILIES,
     ConfigError,
@@ -11,5 +13,6 @@ from megatron_rlfp16.models.hf_config import (
 
 __all__ = [
     "FAMILIES", "ConfigError", "ModelArch", "build_model", "causal_mask", "check_layout",
-    "layer_spec", "parse_hf_config", "read_config_json", "transformer_config",
+    "layer_spec", "parse_hf_config", "read_config_json", "sequence_multiple", "transformer_config",
+    "uses_sequence_parallel",
 ]

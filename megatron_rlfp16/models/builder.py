@@ -8,12 +8,13 @@ The model is built for the calling rank's place in the current parallel layout
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from megatron_rlfp16.models.hf_config import ModelArch, check_layout, parse_hf_config
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE, ROUTER_DTYPE, Precision
 from megatron_rlfp16.models.norm import RMSNorm, with_rms_norm
 
 SPECS = ("auto", "local", "te")
@@ -29,10 +30,22 @@ def te_available() -> bool:
     return True
 
 
+def uses_sequence_parallel(arch: ModelArch, tp: int) -> bool:
+    """Megatron refuses to train MoE under TP without sequence parallelism (every TP rank would
+    repeat each token's expert work), so MoE with tp > 1 turns it on; dense models keep it off."""
+    return arch.is_moe and tp > 1
+
+
+def sequence_multiple(arch: ModelArch, tp: int) -> int:
+    """What every sequence length fed to the model must be a multiple of: ``tp`` under sequence
+    parallelism (the sequence is split over the TP ranks), else 1. The one owner of this rule."""
+    return tp if uses_sequence_parallel(arch, tp) else 1
+
+
 def transformer_config(
     arch: ModelArch,
     *,
-    params_dtype: torch.dtype = torch.float32,
+    params_dtype: Union[torch.dtype, str, Precision] = Precision.FP32,
     tp: Optional[int] = None,
     pp: Optional[int] = None,
     ep: Optional[int] = None,
@@ -47,6 +60,8 @@ def transformer_config(
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
 
+    precision = Precision.parse(params_dtype, field="params_dtype")
+    params_dtype = precision.torch_dtype
     tp = tp or ps.get_tensor_model_parallel_world_size()
     pp = pp or ps.get_pipeline_model_parallel_world_size()
     ep = ep or ps.get_expert_model_parallel_world_size()
@@ -80,13 +95,11 @@ def transformer_config(
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
-        # Megatron refuses to train MoE under TP without sequence parallelism (it would replicate
-        # every token's expert work on each TP rank); sequences must then be a multiple of tp long.
-        sequence_parallel=arch.is_moe and tp > 1,
+        sequence_parallel=uses_sequence_parallel(arch, tp),
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
-        fp16=params_dtype == torch.float16,
-        bf16=params_dtype == torch.bfloat16,
+        fp16=precision == Precision.FP16,
+        bf16=precision == Precision.BF16,
         use_cpu_initialization=not on_gpu,
     )
     if arch.is_moe:
@@ -98,7 +111,7 @@ def transformer_config(
             # norm_topk_prob=False); otherwise top-k logits then softmax == renormalized top-k.
             moe_router_pre_softmax=not arch.moe_renormalize,
             moe_router_score_function="softmax",
-            moe_router_dtype="fp32",
+            moe_router_dtype=ROUTER_DTYPE,
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
             # gloo cannot run the all-to-all dispatcher; allgather is exact, just less scalable.
@@ -141,7 +154,7 @@ def block_spec(arch: ModelArch, config, spec: str = "auto"):
 def build_model(
     hf_config: Mapping[str, Any] | ModelArch,
     *,
-    params_dtype: torch.dtype = torch.float32,
+    params_dtype: Union[torch.dtype, str, Precision] = Precision.FP32,
     spec: str = "auto",
     parallel_output: bool = True,
     config_overrides: Optional[Mapping[str, Any]] = None,
@@ -152,6 +165,7 @@ def build_model(
     from megatron.core.models.gpt import GPTModel
 
     arch = hf_config if isinstance(hf_config, ModelArch) else parse_hf_config(hf_config)
+    params_dtype = Precision.parse(params_dtype, field="params_dtype").torch_dtype
     config = transformer_config(arch, params_dtype=params_dtype, overrides=config_overrides)
     model = GPTModel(
         config=config,
@@ -165,7 +179,7 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
     )
-    if params_dtype != torch.float32:
+    if params_dtype != ACCUM_DTYPE:
         model = model.to(params_dtype)
     if torch.cuda.is_available():
         model = model.cuda()

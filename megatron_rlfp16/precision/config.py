@@ -25,12 +25,11 @@ model in FP16 on both sides, with a few FP32 islands that both sides share; no F
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
-import types
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-import torch
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE, ROUTER_DTYPE, Precision
+from megatron_rlfp16.precision.islands import apply_fp32_lm_head
 
 __all__ = [
     "DEFAULT_BACKOFF_FACTOR",
@@ -58,52 +57,6 @@ DEFAULT_GROWTH_FACTOR = 2.0
 DEFAULT_BACKOFF_FACTOR = 0.5
 """What ``get_megatron_optimizer`` hard-codes for ``DynamicGradScaler``'s backoff_factor."""
 
-
-class Precision(str, enum.Enum):
-    """The floating-point format a whole model computes in (weights and activations)."""
-
-    FP16 = "fp16"
-    BF16 = "bf16"
-    FP32 = "fp32"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _TORCH_DTYPES[self]
-
-    @property
-    def vllm_dtype(self) -> str:
-        """vLLM's spelling: "float16", "bfloat16" or "float32"."""
-        return _VLLM_DTYPES[self]
-
-    @classmethod
-    def parse(cls, value: Union["Precision", str, torch.dtype], *, field: str = "precision") -> "Precision":
-        """A ``Precision`` from itself, a ``torch.dtype`` or a name such as "fp16", "float16",
-        "half", "torch.bfloat16" (case-insensitive). ``field`` names the setting in the error."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, torch.dtype):
-            for precision, dtype in _TORCH_DTYPES.items():
-                if dtype == value:
-                    return precision
-        elif isinstance(value, str):
-            key = value.strip().lower().removeprefix("torch.")
-            for precision, aliases in _ALIASES.items():
-                if key in aliases:
-                    return precision
-        valid = ", ".join(
-            f"{p.value!r} (or {', '.join(repr(a) for a in aliases if a != p.value)})"
-            for p, aliases in _ALIASES.items()
-        )
-        raise ValueError(f"{field}={value!r} is not a precision; valid: {valid}")
-
-
-_TORCH_DTYPES = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16, Precision.FP32: torch.float32}
-_VLLM_DTYPES = {Precision.FP16: "float16", Precision.BF16: "bfloat16", Precision.FP32: "float32"}
-_ALIASES = {
-    Precision.FP16: ("fp16", "float16", "half", "f16"),
-    Precision.BF16: ("bf16", "bfloat16"),
-    Precision.FP32: ("fp32", "float32", "float", "f32"),
-}
 
 # Dynamic-scaler knobs: meaningless with a static loss_scale, and with any trainer but fp16.
 _DYNAMIC_FIELDS = (
@@ -196,13 +149,15 @@ class PrecisionConfig:
     """Clip the global gradient L2 norm to this value, after unscaling (Megatron ``clip_grad``);
     None disables clipping."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     # -- validation ---------------------------------------------------------------------------
 
     def validate(self) -> "PrecisionConfig":
-        """Normalizes precision names to ``Precision`` and checks every field; returns self."""
+        """Normalizes precision names to ``Precision`` and checks every field; returns self.
+
+        Call it once, after the last override (the run plan does). Construction does not validate,
+        so fields may be set in any order; the accessors below validate lazily, once per distinct
+        set of field values, so a config changed after ``validate()`` is checked again before use.
+        """
         self.trainer = Precision.parse(self.trainer, field="PrecisionConfig.trainer")
         if self.rollout is not None:
             self.rollout = Precision.parse(self.rollout, field="PrecisionConfig.rollout")
@@ -222,6 +177,16 @@ class PrecisionConfig:
         self._validate_loss_scaling()
         if self.grad_clip is not None and not (_is_number(self.grad_clip) and self.grad_clip > 0):
             raise _bad("grad_clip", self.grad_clip, "None (no clipping) or a finite number > 0")
+        object.__setattr__(self, "_validated_state", self._state())
+        return self
+
+    def _state(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def _checked(self) -> "PrecisionConfig":
+        """``self``, validated if its fields changed since the last ``validate()`` (or it never ran)."""
+        if getattr(self, "_validated_state", None) != self._state():
+            self.validate()
         return self
 
     def _validate_loss_scaling(self) -> None:
@@ -274,12 +239,14 @@ class PrecisionConfig:
     @property
     def rollout_precision(self) -> Precision:
         """The rollout engine's precision: ``rollout``, or the trainer's when that is None."""
-        return self.trainer if self.rollout is None else Precision.parse(self.rollout)
+        trainer = Precision.parse(self.trainer, field="PrecisionConfig.trainer")
+        return trainer if self.rollout is None else Precision.parse(self.rollout, field="PrecisionConfig.rollout")
 
     @property
     def dynamic_loss_scaling(self) -> bool:
         """True when Megatron will build a ``DynamicGradScaler`` (fp16 trainer, no static scale)."""
-        return self.trainer == Precision.FP16 and self.loss_scale is None
+        return Precision.parse(self.trainer, field="PrecisionConfig.trainer") == Precision.FP16 \
+            and self.loss_scale is None
 
     def resolved(self, field: str):
         """A dynamic-scaler field with its default filled in (e.g. 32768.0 for initial_loss_scale)."""
@@ -302,7 +269,7 @@ class PrecisionConfig:
         and merged in; setting a precision-owned field there, or an option that cannot work with
         this precision, is an error naming it.
         """
-        self.validate()
+        self._checked()
         dtype = self.trainer.torch_dtype
         overrides: Dict[str, Any] = dict(
             fp16=self.trainer == Precision.FP16,
@@ -310,7 +277,7 @@ class PrecisionConfig:
             params_dtype=dtype,
             pipeline_dtype=dtype,  # activations sent between pipeline stages
             attention_softmax_in_fp32=self.fp32_attention_softmax,
-            moe_router_dtype="fp32" if self.fp32_router else None,
+            moe_router_dtype=ROUTER_DTYPE if self.fp32_router else None,
         )
         extra = dict(extra or {})
         self._check_transformer_extra(extra)
@@ -358,7 +325,7 @@ class PrecisionConfig:
         """Applies the FP32 islands that live on modules rather than in ``TransformerConfig``:
         with ``fp32_logits``, the LM head (see :func:`apply_fp32_lm_head`). Call it after
         ``build_model`` and before wrapping in DDP. Returns the names of the modules changed."""
-        self.validate()
+        self._checked()
         return apply_fp32_lm_head(model) if self.fp32_logits else []
 
     def ddp_kwargs(self) -> Dict[str, Any]:
@@ -366,7 +333,7 @@ class PrecisionConfig:
         for the NaN check: off under dynamic loss scaling (an overflow is the scaler's signal and
         the step is skipped), on otherwise (an inf/NaN gradient is a bug; raise before any
         weight changes)."""
-        self.validate()
+        self._checked()
         return dict(
             grad_reduce_in_fp32=self.fp32_grad_reduce,
             check_for_nan_in_grad=not self.dynamic_loss_scaling,
@@ -376,7 +343,7 @@ class PrecisionConfig:
 
     def optimizer_kwargs(self) -> Dict[str, Any]:
         """The precision fields of Megatron's ``OptimizerConfig``."""
-        self.validate()
+        self._checked()
         kwargs: Dict[str, Any] = dict(
             fp16=self.trainer == Precision.FP16,
             bf16=self.trainer == Precision.BF16,
@@ -438,31 +405,26 @@ class PrecisionConfig:
                                  "protected, and Megatron's grad clipping asserts FP32/BF16 "
                                  "decoupled grads"),
         ):
-            value = extra.get(key, torch.float32)
-            if value != torch.float32:
+            value = extra.get(key, ACCUM_DTYPE)
+            if value != ACCUM_DTYPE:
                 raise ValueError(
                     f"optimizer_config: use_precision_aware_optimizer=True with {key}={value} and "
-                    f"trainer='fp16': {why}; valid: {key}=torch.float32"
+                    f"trainer='fp16': {why}; valid: {key}={ACCUM_DTYPE}"
                 )
 
     def build_optimizer(self, model_chunks, **extra):
-        """``get_megatron_optimizer(self.optimizer_config(**extra), model_chunks)``, with the
-        configured growth/backoff factors installed in each ``DynamicGradScaler`` when they differ
-        from the ones Megatron hard-codes."""
+        """``get_megatron_optimizer(self.optimizer_config(**extra), model_chunks)`` with ONE grad
+        scaler for the whole step (see :func:`megatron_rlfp16.precision.scaler.install_grad_scaler`):
+        Megatron builds one per sub-optimizer (dense and expert parameters under EP), which drift
+        apart on an overflow in one of them; the configured growth/backoff factors are applied too."""
         from megatron.core.optimizer import get_megatron_optimizer
-        from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+        from megatron_rlfp16.precision.scaler import install_grad_scaler
 
         config = self.optimizer_config(**extra)
         optimizer = get_megatron_optimizer(config, list(model_chunks))
-        growth, backoff = self.resolved("growth_factor"), self.resolved("backoff_factor")
-        if self.dynamic_loss_scaling and (growth, backoff) != (DEFAULT_GROWTH_FACTOR, DEFAULT_BACKOFF_FACTOR):
-            for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-                if isinstance(getattr(sub, "grad_scaler", None), DynamicGradScaler):
-                    sub.grad_scaler = DynamicGradScaler(
-                        initial_scale=config.initial_loss_scale, min_scale=config.min_loss_scale,
-                        growth_factor=growth, backoff_factor=backoff,
-                        growth_interval=config.loss_scale_window, hysteresis=config.hysteresis,
-                    )
+        install_grad_scaler(optimizer, config, growth_factor=self.resolved("growth_factor"),
+                            backoff_factor=self.resolved("backoff_factor"))
         return optimizer
 
     # -- vLLM --------------------------------------------------------------------------------
@@ -475,55 +437,9 @@ class PrecisionConfig:
         lm_head in FP32 with ``fp32_logits`` and in the model dtype otherwise, matching the
         trainer's ``prepare_model``. Merge your own ``hf_overrides`` into the returned dict.
         """
-        self.validate()
+        self._checked()
         return dict(
             dtype=self.rollout_precision.vllm_dtype,
             kv_cache_dtype="auto",
             hf_overrides={"head_dtype": "float32" if self.fp32_logits else "model"},
         )
-
-
-# -- the FP32 LM head (a module-level island, shared with vLLM's head_dtype="float32") ------------
-
-
-def apply_fp32_lm_head(model) -> List[str]:
-    """Makes each Megatron output layer (``...output_layer``) compute its logits in FP32.
-
-    The weight stays in the model's dtype (it is what the optimizer updates and what the rollout
-    engine receives); each forward multiplies an FP32 copy of the input by an FP32 copy of the
-    weight, which is what vLLM does with ``hf_overrides={"head_dtype": "float32"}``. Gradients flow
-    back through the casts to the FP16 weight and hidden states. Extra memory: the FP32 weight copy
-    and FP32 logits held for the backward. Works through DDP wrappers and on every pipeline stage
-    (stages without an output layer are left alone); calling it twice is a no-op.
-
-    Raises:
-        ValueError: the layer fuses weight-gradient accumulation into ``main_grad``
-            (``gradient_accumulation_fusion``), which needs the weight itself in the matmul.
-    """
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-
-    changed = []
-    for name, module in model.named_modules():
-        if not (name.split(".")[-1] == "output_layer" and isinstance(module, ColumnParallelLinear)):
-            continue
-        if getattr(module, "_rlfp16_fp32_head", False):
-            continue
-        if getattr(module, "gradient_accumulation_fusion", False):
-            raise ValueError(
-                f"{name}: gradient_accumulation_fusion=True accumulates the weight gradient in place "
-                "and cannot run on an FP32 copy of the weight; set gradient_accumulation_fusion=False "
-                "or PrecisionConfig.fp32_logits=False"
-            )
-        module.forward = types.MethodType(_fp32_head_forward, module)
-        module._rlfp16_fp32_head = True
-        changed.append(name)
-    return changed
-
-
-def _fp32_head_forward(self, input_, weight=None, runtime_gather_output=None):
-    weight = self.weight if weight is None else weight  # a tied embedding arrives as `weight`
-    if weight is None:  # let Megatron raise its own "weight was not supplied" error
-        return type(self).forward(self, input_, None, runtime_gather_output)
-    return type(self).forward(
-        self, input_.float(), weight=weight.float(), runtime_gather_output=runtime_gather_output
-    )

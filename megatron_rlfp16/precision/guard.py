@@ -27,17 +27,20 @@ meant to be captured into CUDA graphs or traced by ``torch.compile`` (detach fir
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
-import difflib
 import functools
-import types
 import warnings
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from megatron_rlfp16.precision.islands import (  # noqa: F401  (promote_to_fp32: its old home)
+    ModuleFilter,
+    _floating_tensors,
+    _select_modules,
+    promote_to_fp32,
+)
 
 __all__ = [
     "FP16_MAX",
@@ -52,8 +55,6 @@ FP16_MAX = float(torch.finfo(torch.float16).max)
 """65504: the largest finite FP16 value; anything above rounds to inf."""
 FP16_SMALLEST_NORMAL = float(torch.finfo(torch.float16).tiny)
 """2**-14 ~ 6.1e-5: below this FP16 is subnormal and loses mantissa bits, then flushes to 0."""
-
-ModuleFilter = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
 _MAX_PENDING = 4096  # fold early if step() is never called, so memory stays bounded
 _MAX_CACHED_INDICES = 16
@@ -363,112 +364,3 @@ class OverflowGuard:
 
 
 # -- FP32 islands --------------------------------------------------------------------------------
-
-
-def promote_to_fp32(model: nn.Module, names: Union[str, Iterable[str]]) -> List[str]:
-    """Makes the named submodules run in FP32 inside an otherwise FP16 (or BF16) model.
-
-    Each named module gets its parameters and buffers cast to float32 (in place: the Parameter
-    objects stay the same, but an optimizer or DDP wrapper built earlier has captured their old
-    dtype, so call this before building those), and its forward wrapped so that floating inputs are
-    cast to float32, autocast is off inside, and float32 outputs (a tensor, or tensors nested in
-    tuples, lists and dicts) are cast back to the dtype of the first floating input, or when there
-    is none (token ids into an embedding) to the module's parameter dtype before promotion.
-
-    The cast back means an output that does not fit FP16 still overflows at the island's edge;
-    promote the block that brings values back into range (e.g. a whole MLP, not only its
-    up-projection). Promoting a module twice is a no-op. Returns the promoted names.
-
-    Raises:
-        ValueError: a name is not in ``model.named_modules()``; the message lists close matches
-            and a few valid names.
-    """
-    targets = _select_modules(model, [names] if isinstance(names, str) else list(names))
-    for _, module in targets:
-        if getattr(module, "_rlfp16_fp32_island", False):
-            continue
-        floating = [t for t in _parameters_and_buffers(module) if t.is_floating_point()]
-        module._rlfp16_fp32_fallback_dtype = floating[0].dtype if floating else None
-        module.float()
-        module._rlfp16_fp32_island = True
-        # A bound method (not a closure) so copy.deepcopy rebinds it to the copy.
-        module.forward = types.MethodType(_fp32_island_forward, module)
-    return [name for name, _ in targets]
-
-
-def _fp32_island_forward(self: nn.Module, *args, **kwargs):
-    inputs = list(_floating_tensors((args, kwargs)))
-    out_dtype = inputs[0].dtype if inputs else self._rlfp16_fp32_fallback_dtype
-    device_type = inputs[0].device.type if inputs else _module_device_type(self)
-    args, kwargs = _cast_floating((args, kwargs), torch.float32)
-    no_autocast = contextlib.nullcontext()
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        no_autocast = torch.autocast(device_type=device_type, enabled=False)
-    with no_autocast:
-        out = type(self).forward(self, *args, **kwargs)
-    if out_dtype is None or out_dtype == torch.float32:
-        return out
-    return _cast_floating(out, out_dtype, only=torch.float32)
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-
-def _floating_tensors(obj) -> Iterator[torch.Tensor]:
-    """Floating-point tensors in ``obj``, looking inside tuples, lists and dict values."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _floating_tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _floating_tensors(item)
-
-
-def _cast_floating(obj, dtype: torch.dtype, only: Optional[torch.dtype] = None):
-    """``obj`` with its floating tensors (those of dtype ``only``, if given) cast to ``dtype``."""
-    if isinstance(obj, torch.Tensor):
-        wanted = obj.is_floating_point() if only is None else obj.dtype == only
-        return obj.to(dtype) if wanted else obj
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_cast_floating(x, dtype, only) for x in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast_floating(x, dtype, only) for x in obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _cast_floating(v, dtype, only)) for k, v in obj.items())
-    return obj
-
-
-def _parameters_and_buffers(module: nn.Module) -> Iterator[torch.Tensor]:
-    yield from module.parameters()
-    yield from module.buffers()
-
-
-def _module_device_type(module: nn.Module) -> str:
-    for t in _parameters_and_buffers(module):
-        return t.device.type
-    return "cpu"
-
-
-def _select_modules(model: nn.Module, modules: ModuleFilter) -> List[Tuple[str, nn.Module]]:
-    named = collections.OrderedDict(model.named_modules())
-    if modules is None:
-        return [(name, m) for name, m in named.items() if name != ""]
-    if callable(modules) and not isinstance(modules, nn.Module):
-        return [(name, m) for name, m in named.items() if modules(name, m)]
-    wanted = [modules] if isinstance(modules, str) else list(modules)
-    unknown = [name for name in wanted if name not in named]
-    if unknown:
-        valid = [name for name in named if name]
-        hints = sorted({m for name in unknown for m in difflib.get_close_matches(name, valid, n=3)})
-        raise ValueError(
-            f"unknown module name(s) {unknown} in {type(model).__name__}"
-            + (f"; did you mean {hints}?" if hints else "")
-            + f" Valid names include {valid[:8]}"
-            + (f" (and {len(valid) - 8} more)" if len(valid) > 8 else "")
-        )
-    if not wanted:
-        raise ValueError("no module names given; pass at least one name from named_modules()")
-    return [(name, named[name]) for name in dict.fromkeys(wanted)]

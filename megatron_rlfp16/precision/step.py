@@ -57,7 +57,9 @@ class NonFiniteGradientError(RuntimeError):
 
 
 def _sub_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    from megatron_rlfp16.precision.scaler import sub_optimizers
+
+    return sub_optimizers(optimizer)
 
 
 class OptimizerStep:
@@ -233,9 +235,11 @@ class OptimizerStep:
         # not touched because main weights are only copied to them after a real step.
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+        from megatron_rlfp16.compat.megatron import init_optimizer_state_with_dummy_values
+
         for sub in _sub_optimizers(self.optimizer):
             if isinstance(sub, DistributedOptimizer) and not sub.optimizer.state:
-                sub._init_optimizer_states_with_dummy_values()
+                init_optimizer_state_with_dummy_values(sub)
 
     def load_checkpoint_state(self, loaded: Dict[str, Any]) -> None:
         """Restores the optimizer (moments, step, grad scaler) and the counters from a load."""
@@ -268,7 +272,9 @@ class OptimizerStep:
     # -- consistency with the PrecisionConfig ------------------------------------------------
 
     def _scalers(self) -> List[Optional[Any]]:
-        return [getattr(sub, "grad_scaler", None) for sub in _sub_optimizers(self.optimizer)]
+        from megatron_rlfp16.precision.scaler import unique_scalers
+
+        return unique_scalers(self.optimizer)
 
     def _check_optimizer(self) -> None:
         from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler

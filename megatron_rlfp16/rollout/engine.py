@@ -7,10 +7,7 @@ the one the trainer scores with temperature-scaled logits, so importance ratios 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-import os
 import time
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -18,19 +15,19 @@ import torch
 
 from megatron_rlfp16.rollout.batch import RolloutBatch
 
-VLLM_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32",
-               "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
-
-
 @dataclasses.dataclass(kw_only=True)
 class RolloutConfig:
-    dtype: str = "float16"
-    """Engine dtype; normally taken from ``PrecisionConfig`` so it cannot drift from the trainer."""
-    tp: int = 1
-    """Rollout tensor-parallel size (independent of the trainer's TP)."""
-    max_model_len: int = 512
-    """Longest prompt + response the engine accepts; longer prompts are skipped and counted."""
-    seed: int = 0
+    """The vLLM engine's own settings. Its precision is not one of them: it comes from the run's
+    ``PrecisionConfig`` (``engine_kwargs=precision.vllm_kwargs()``), so it cannot drift from the
+    trainer's. Fields left None are resolved by the run plan (or by ``RolloutEngine`` standalone)."""
+
+    tp: Optional[int] = None
+    """Rollout tensor-parallel size, independent of the trainer's; None: the trainer's TP (1 standalone)."""
+    max_model_len: Optional[int] = None
+    """Longest prompt + response the engine accepts; longer prompts are skipped and counted. None:
+    the plan's choice (256 + max_new_tokens, capped by the model), 512 standalone."""
+    seed: Optional[int] = None
+    """Sampling seed; None: the run's seed (0 standalone)."""
     gpu_memory_utilization: float = 0.4
     """Fraction of GPU memory for weights + KV cache (GPU only; colocated with training)."""
     enable_sleep_mode: Optional[bool] = None
@@ -39,20 +36,56 @@ class RolloutConfig:
     """vLLM sleep level: 2 discards the weights (the refit after training rewrites them all), 1 keeps
     a copy in host memory (the engine can then generate again without a refit)."""
     enforce_eager: bool = True
+    dtype: Optional[str] = None
+    """Deprecated: the precision comes from ``PrecisionConfig``. Accepted when it agrees with the
+    ``engine_kwargs`` dtype (any spelling ``Precision.parse`` reads), refused when it does not."""
 
-    def validate(self) -> None:
-        if self.dtype not in VLLM_DTYPES:
-            raise ValueError(f"RolloutConfig.dtype={self.dtype!r}; valid: {sorted(set(VLLM_DTYPES))}")
-        if self.tp < 1:
-            raise ValueError(f"RolloutConfig.tp={self.tp!r}: must be >= 1")
-        if self.max_model_len < 2:
-            raise ValueError(f"RolloutConfig.max_model_len={self.max_model_len!r}: must be >= 2")
+    def validate(self) -> "RolloutConfig":
+        for name in ("tp", "max_model_len"):
+            value = getattr(self, name)
+            low = 1 if name == "tp" else 2
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ValueError(f"RolloutConfig.{name}={value!r} is invalid; valid: None or an integer >= {low}")
+        if self.dtype is not None:
+            from megatron_rlfp16.precision import Precision
+
+            Precision.parse(self.dtype, field="RolloutConfig.dtype")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"RolloutConfig.sleep_level={self.sleep_level!r}; valid: 1, 2")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"RolloutConfig.gpu_memory_utilization={self.gpu_memory_utilization!r}: must be in (0, 1]"
             )
+        return self
+
+    def resolved(self, *, tp: int = 1, max_model_len: int = 512, seed: int = 0) -> "RolloutConfig":
+        """A copy with the None fields filled from the given defaults."""
+        return dataclasses.replace(
+            self, tp=self.tp if self.tp is not None else tp,
+            max_model_len=self.max_model_len if self.max_model_len is not None else max_model_len,
+            seed=self.seed if self.seed is not None else seed,
+        )
+
+
+def engine_dtype(config: RolloutConfig, engine_kwargs: Optional[dict]) -> str:
+    """vLLM's dtype: ``engine_kwargs["dtype"]`` (the precision's), else the deprecated
+    ``RolloutConfig.dtype``, else FP16 (``PrecisionConfig``'s default); both given and different is
+    an error naming both."""
+    from megatron_rlfp16.deprecation import warn_renamed
+    from megatron_rlfp16.precision import Precision
+
+    given = (engine_kwargs or {}).get("dtype")
+    if config.dtype is not None:
+        warn_renamed("RolloutConfig.dtype", "engine_kwargs=PrecisionConfig(...).vllm_kwargs()")
+        mine = Precision.parse(config.dtype, field="RolloutConfig.dtype")
+        if given is not None and Precision.parse(given, field="engine_kwargs['dtype']") != mine:
+            raise ValueError(
+                f"RolloutConfig.dtype={config.dtype!r} contradicts engine_kwargs['dtype']={given!r} "
+                "(from PrecisionConfig.vllm_kwargs()); the precision decides: drop RolloutConfig.dtype"
+            )
+        return mine.vllm_dtype
+    return Precision.parse(given if given is not None else Precision.FP16,
+                           field="engine_kwargs['dtype']").vllm_dtype
 
 
 class RolloutEngine:
@@ -61,17 +94,18 @@ class RolloutEngine:
     def __init__(self, hf_dir: str, config: RolloutConfig, *, engine_kwargs: Optional[dict] = None):
         """``engine_kwargs`` are merged into vLLM's ``LLM(...)`` arguments last; pass
         ``PrecisionConfig.vllm_kwargs()`` so the engine's dtype and FP32 islands follow the trainer's."""
-        config.validate()
-        # The engine must live in this process (the trainer's rank), with deterministic scheduling.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from megatron_rlfp16.compat import vllm as vllm_compat
+
+        config = config.validate().resolved()
+        dtype = engine_dtype(config, engine_kwargs)
+        vllm_compat.configure_in_process()  # the engine lives in this rank's process
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
         self.config = config
         kwargs = dict(
             model=hf_dir,
-            dtype=VLLM_DTYPES[config.dtype],
+            dtype=dtype,
             skip_tokenizer_init=True,
             enforce_eager=config.enforce_eager,
             max_model_len=config.max_model_len,
@@ -93,10 +127,10 @@ class RolloutEngine:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
             sleep = config.enable_sleep_mode if config.enable_sleep_mode is not None else True
             kwargs["enable_sleep_mode"] = sleep
-        kwargs.update(engine_kwargs or {})
+        kwargs.update({k: v for k, v in (engine_kwargs or {}).items() if k != "dtype"})
         self.dtype = kwargs["dtype"]
         self.llm = LLM(**kwargs)
-        _quiet_expected_reload_warnings()
+        vllm_compat.quiet_expected_reload_warnings()
         self.sleep_enabled = bool(on_gpu and kwargs.get("enable_sleep_mode"))
         self._asleep: set = set()  # the parts ("weights", "kv_cache") released by sleep()
         self._weights_discarded = False  # sleep level 2 until update_weights refills them
@@ -174,15 +208,6 @@ class RolloutEngine:
         return RolloutBatch.concat(parts[::self.config.tp])
 
     # ---- weights ------------------------------------------------------------------------------
-    def _runner(self):
-        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-
-    @staticmethod
-    def _loaders_intact(model) -> bool:
-        """True when every parameter still has its loader, i.e. post-load processing replaced none of
-        them and ``load_weights`` can write straight into them."""
-        return all(hasattr(p, "weight_loader") for p in model.parameters())
-
     def update_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> dict:
         """Loads ``(hf_name, tensor)`` pairs (e.g. the bridge's export stream, consumed bucket by bucket)
         into the engine in place, then drops every cached prefix computed with the old weights.
@@ -191,6 +216,8 @@ class RolloutEngine:
         post-load processing (repacking for CPU GEMM kernels, expert layouts, FP32 head copies, ...)
         runs once, as at start-up, and the result is copied into the live tensors. A plain
         ``model.load_weights`` would write into parameters that processing has already replaced."""
+        from megatron_rlfp16.compat import vllm as vllm_compat
+
         start = time.perf_counter()
         count = 0
         nbytes = 0
@@ -203,13 +230,7 @@ class RolloutEngine:
                 yield name, t
 
         self.wake_up(tags=["weights"])  # the KV cache stays released until the next generate
-        runner = self._runner()
-        patched = 0
-        if self._loaders_intact(runner.model) or not hasattr(runner, "reload_weights"):
-            runner.model.load_weights(counted())
-        else:
-            with rerun_expert_processing(runner.model) as patched:
-                runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        patched = vllm_compat.reload_weights(self.llm, counted())
         self._weights_discarded = False
         self.llm.reset_prefix_cache()
         return dict(tensors=count, bytes=nbytes, expert_layers_reprocessed=patched,
@@ -220,7 +241,9 @@ class RolloutEngine:
         default group as well, so nothing collective may follow; without ``close`` vLLM's exit hook
         tries the same after the trainer's shutdown and fails on groups that are already gone."""
         if getattr(self, "llm", None) is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            from megatron_rlfp16.compat import vllm as vllm_compat
+
+            vllm_compat.shutdown(self.llm)
             self.llm = None
 
     # ---- GPU memory ---------------------------------------------------------------------------
@@ -257,72 +280,3 @@ class RolloutEngine:
         if parts:
             self.llm.wake_up(tags=parts)
             self._asleep -= set(parts)
-
-
-@contextlib.contextmanager
-def rerun_expert_processing(model):
-    """Makes an in-place reload process fused-MoE expert weights exactly as the first load did.
-
-    On the first load vLLM's unquantized MoE method converts the experts' weights to the kernel
-    format and then lets the experts implementation finish them (``fused_experts.
-    process_weights_after_loading``: vLLM-CPU pads the intermediate dimension and prepacks both
-    weights into its grouped-GEMM layout). On a reload it skips that last step because a kernel
-    already exists, so checkpoint-layout values land in tensors the kernel reads as prepacked and
-    every expert computes garbage. For the duration of the reload each such method gets the missing
-    call appended; the layer's live tensors (and the kernel's references to them) stay the same
-    objects, only their values change. Yields the number of expert layers patched."""
-    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
-        UnquantizedFusedMoEMethod,
-    )
-    from vllm.model_executor.utils import is_weights_pre_processed
-
-    patched = []
-    for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        # Only the unquantized method skips the step; quantized ones finish their experts themselves.
-        if not isinstance(method, UnquantizedFusedMoEMethod):
-            continue
-        experts = getattr(method.moe_kernel, "fused_experts", None)
-        if experts is None or not _overrides_post_load(experts):
-            continue
-        original = method.process_weights_after_loading
-
-        def process(layer, _original=original, _method=method):
-            was_built = _method.moe_kernel is not None
-            _original(layer)
-            # A first build (no kernel before) already ran the step; kernel-format weights need none.
-            if was_built and _method.moe_kernel is not None and not is_weights_pre_processed():
-                _method.moe_kernel.fused_experts.process_weights_after_loading(layer)
-
-        method.process_weights_after_loading = process
-        patched.append(method)
-    try:
-        yield len(patched)
-    finally:
-        for method in patched:
-            del method.process_weights_after_loading  # the class's method is visible again
-
-
-def _overrides_post_load(experts) -> bool:
-    """True when the experts implementation has its own post-load step (the base one does nothing)."""
-    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExperts
-
-    own = getattr(type(experts), "process_weights_after_loading", None)
-    return own is not None and own is not FusedMoEExperts.process_weights_after_loading
-
-
-class _RotaryReloadFilter(logging.Filter):
-    """Drops vLLM's "<layer>: Failed to load weights" warning for rotary-embedding layers: they own a
-    cos/sin cache buffer but no checkpoint weight, so every in-place reload reports them while
-    correctly keeping the cache. Any other layer's warning still gets through."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        return not (record.msg == "%s: Failed to load weights" and args
-                    and str(args[0]).endswith("RotaryEmbedding"))
-
-
-def _quiet_expected_reload_warnings() -> None:
-    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _RotaryReloadFilter) for f in logger.filters):
-        logger.addFilter(_RotaryReloadFilter())

@@ -2,7 +2,7 @@
 
 ``init_runtime(ParallelConfig(tp=2, pp=1, ep=1))`` works the same under ``torchrun`` (reads the
 usual ``RANK``/``WORLD_SIZE``/``MASTER_*`` variables) and in a plain single process (a world of one).
-On a machine without CUDA it uses gloo and installs :mod:`megatron_rlfp16.runtime.cpu` first.
+On a machine without CUDA it uses gloo and installs the CPU stand-ins of :mod:`megatron_rlfp16.compat.megatron` first.
 Tests, tools and examples all go through here so that they exercise one initialization path.
 """
 from __future__ import annotations
@@ -82,10 +82,12 @@ def init_runtime(
 
     parallel = parallel or ParallelConfig()
     on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        from megatron_rlfp16.runtime import cpu
+    from megatron_rlfp16.compat import megatron as megatron_compat
 
-        cpu.install()
+    if on_gpu:
+        megatron_compat.define_te_general_gemm()
+    else:
+        megatron_compat.install_cpu_stand_ins()
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain process: a world of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

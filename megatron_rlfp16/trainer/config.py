@@ -1,18 +1,45 @@
-"""Configuration of an RL run: one keyword-only dataclass per concern, validated once.
+"""Configuration of an RL run: one keyword-only dataclass per concern, each field defined once.
 
-The loss is a ``PolicyLossConfig`` and the precision a ``PrecisionConfig``; the CLI flags of
-``examples/`` come from ``megatron_rlfp16.megatron.add_rl_args`` (the same ``--rl-*`` flags a
-Megatron-LM script gets) plus the run flags in ``trainer.cli``.
+=====================  ======================================================  ===================
+concern                dataclass (its home)                                    TrainerConfig field
+=====================  ======================================================  ===================
+parallel layout        ``runtime.ParallelConfig`` (tp, pp, ep, etp)              ``parallel``
+rollout engine         ``rollout.RolloutConfig`` (tp, max_model_len, ...)        ``rollout``
+RL objective           ``megatron.args.RLConfig`` (loss, estimator, group, T)    ``rl``
+precision              ``precision.PrecisionConfig``                             ``precision``
+loop sizes, schedule   ``RunConfig`` (below)                                     ``run``
+=====================  ======================================================  ===================
+
+Nothing is validated at construction: ``TrainerConfig.validate()`` runs once, after the last
+override (``plan.resolve_plan`` calls it), and names the field, its value and what is valid. The
+CLI flags map 1:1 onto these fields (``--tp`` → ``parallel.tp``, ``--rollout-tp`` → ``rollout.tp``,
+``--rl-group-size`` → ``rl.group_size``, ...). Spellings from before this layout (``TrainerConfig(tp=...,
+rollout_tp=..., loss=...)``, ``RunConfig(group_size=..., temperature=..., advantage_estimator=...)``)
+keep working and warn once.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Dict
 
+from megatron_rlfp16.deprecation import warn_renamed
 from megatron_rlfp16.losses import PolicyLossConfig
+from megatron_rlfp16.megatron.args import RLConfig
 from megatron_rlfp16.precision import PrecisionConfig
+from megatron_rlfp16.rollout.engine import RolloutConfig
+from megatron_rlfp16.runtime import ParallelConfig
 
-ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo")
+# Old spelling -> (sub-config, field): kept working with a warning.
+_RUN_MOVED = {"group_size": "rl", "temperature": "rl", "advantage_estimator": "rl"}
+_TRAINER_MOVED = {
+    "tp": ("parallel", "tp"), "pp": ("parallel", "pp"), "ep": ("parallel", "ep"),
+    "rollout_tp": ("rollout", "tp"), "rollout_gpu_memory_utilization": ("rollout", "gpu_memory_utilization"),
+    "rollout_sleep_level": ("rollout", "sleep_level"), "loss": ("rl", "loss"),
+}
+
+
+def _int_at_least(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -23,10 +50,6 @@ class RunConfig:
     """RL steps (each: rollout, rewards, advantages, log-probs, updates, weight sync)."""
     prompts_per_step: int = 8
     """Distinct prompts sampled per step."""
-    group_size: int = 8
-    """Responses per prompt (the GRPO group)."""
-    temperature: float = 1.0
-    """Sampling temperature; the trainer scores the same temperature-scaled distribution."""
     max_new_tokens: int = 16
     """Longest response."""
     updates_per_step: int = 1
@@ -35,8 +58,6 @@ class RunConfig:
     """Sequences per forward/backward micro-batch."""
     recompute_old_logprobs: bool = True
     """Compute π_old with the trainer before updating; False is bypass mode (π_old := μ)."""
-    advantage_estimator: str = "grpo"
-    """"grpo", "drgrpo" or "rloo" (``megatron_rlfp16.losses.compute_advantages``)."""
     lr: float = 1e-4
     weight_decay: float = 0.0
     seed: int = 0
@@ -46,29 +67,48 @@ class RunConfig:
     """Bucket size of the weight export into the rollout engine (bounds its extra memory)."""
 
     def validate(self) -> "RunConfig":
-        positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates_per_step",
+        positive = ("steps", "prompts_per_step", "max_new_tokens", "updates_per_step",
                     "micro_batch_size", "sync_bucket_mb")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _int_at_least(value, 1):
                 raise ValueError(f"RunConfig.{name}={value!r}: must be an integer >= 1")
-        if not self.temperature > 0:
-            raise ValueError(f"RunConfig.temperature={self.temperature!r}: must be > 0")
-        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"RunConfig.advantage_estimator={self.advantage_estimator!r}; "
-                             f"valid: {ADVANTAGE_ESTIMATORS}")
-        if self.advantage_estimator in ("grpo", "rloo") and self.group_size < 2:
-            raise ValueError(f"RunConfig.group_size={self.group_size}: {self.advantage_estimator} "
-                             "needs at least 2 responses per prompt")
         if not self.lr > 0:
             raise ValueError(f"RunConfig.lr={self.lr!r}: must be > 0")
-        if self.save_every < 0:
-            raise ValueError(f"RunConfig.save_every={self.save_every!r}: must be >= 0")
-        batch = self.prompts_per_step * self.group_size
-        if batch % self.updates_per_step:
-            raise ValueError(f"RunConfig.updates_per_step={self.updates_per_step} does not divide the "
-                             f"step's {batch} samples (prompts_per_step x group_size)")
+        if not _int_at_least(self.save_every, 0):
+            raise ValueError(f"RunConfig.save_every={self.save_every!r}: must be an integer >= 0")
         return self
+
+
+def _run_init(original):
+    def __init__(self, **kwargs):
+        moved = {k: kwargs.pop(k) for k in list(kwargs) if k in _RUN_MOVED}
+        original(self, **kwargs)
+        for name in moved:
+            warn_renamed(f"RunConfig({name}=...)", f"TrainerConfig(rl=RLConfig({name}=...))")
+        self._moved_to_rl = moved  # applied by the TrainerConfig that receives this RunConfig
+
+    return __init__
+
+
+RunConfig.__init__ = _run_init(RunConfig.__init__)
+
+
+def _moved_run_field(name: str):
+    def get(self):
+        warn_renamed(f"RunConfig.{name}", f"TrainerConfig.rl.{name}")
+        rl = getattr(self, "_rl", None)
+        if rl is not None:
+            return getattr(rl, name)
+        if name in self._moved_to_rl:
+            return self._moved_to_rl[name]
+        return getattr(RLConfig(), name)
+
+    return property(get)
+
+
+for _name in _RUN_MOVED:
+    setattr(RunConfig, _name, _moved_run_field(_name))
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -79,17 +119,13 @@ class TrainerConfig:
     """HF checkpoint the run starts from (the rollout engine is created from it too)."""
     out_dir: str = "runs/rl"
     """metrics.jsonl, TensorBoard events, checkpoints (``out_dir/checkpoint``)."""
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    rollout_tp: Optional[int] = None
-    """Rollout engine TP; None: the trainer's TP."""
-    rollout_gpu_memory_utilization: float = 0.4
-    """Share of GPU memory for the engine's weights and KV cache (GPU only)."""
-    rollout_sleep_level: int = 2
-    """vLLM sleep level while training (GPU only): 2 discards the engine's weights, 1 keeps a host copy."""
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    """Megatron's layout; data parallelism takes what the world leaves."""
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    """The vLLM engine's settings (its precision comes from ``precision``)."""
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    """Policy loss, advantage estimator, group size, sampling temperature."""
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
     resume: bool = True
     """Continue from ``out_dir/checkpoint`` when it exists."""
@@ -97,18 +133,60 @@ class TrainerConfig:
     progress: bool = True
     """A progress bar on the console (rank 0)."""
 
+    def __post_init__(self) -> None:
+        moved = getattr(self.run, "_moved_to_rl", {})
+        if moved:
+            self.rl = dataclasses.replace(self.rl, **moved)
+            self.run._moved_to_rl = {}
+        self.run._rl = self.rl
+
     def validate(self) -> "TrainerConfig":
+        """Validates every sub-config once; returns self."""
+        self.run._rl = self.rl
         self.run.validate()
-        self.loss.validate()
+        self.rl.validate()
         self.precision.validate()
+        self.rollout.validate()
         for name in ("tp", "pp", "ep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainerConfig.{name}={getattr(self, name)!r}: must be >= 1")
-        if self.rollout_tp is not None and self.rollout_tp < 1:
-            raise ValueError(f"TrainerConfig.rollout_tp={self.rollout_tp!r}: must be >= 1")
-        if self.rollout_sleep_level not in (1, 2):
-            raise ValueError(f"TrainerConfig.rollout_sleep_level={self.rollout_sleep_level!r}; valid: 1, 2")
-        if not 0 < self.rollout_gpu_memory_utilization <= 1:
-            raise ValueError("TrainerConfig.rollout_gpu_memory_utilization="
-                             f"{self.rollout_gpu_memory_utilization!r}: must be in (0, 1]")
+            value = getattr(self.parallel, name)
+            if not _int_at_least(value, 1):
+                raise ValueError(f"TrainerConfig.parallel.{name}={value!r}: must be an integer >= 1")
+        if self.rl.advantage_estimator in ("grpo", "rloo") and self.rl.group_size < 2:
+            raise ValueError(f"RLConfig.group_size={self.rl.group_size}: {self.rl.advantage_estimator} "
+                             "needs at least 2 responses per prompt")
         return self
+
+
+def _trainer_init(original):
+    def __init__(self, **kwargs):
+        moved: Dict[str, Any] = {k: kwargs.pop(k) for k in list(kwargs) if k in _TRAINER_MOVED}
+        original(self, **kwargs)
+        for old, value in moved.items():
+            part, field = _TRAINER_MOVED[old]
+            warn_renamed(f"TrainerConfig({old}=...)", f"TrainerConfig.{part}.{field}")
+            if part == "rl" and field == "loss":
+                self.rl = dataclasses.replace(self.rl, loss=value)
+                self.run._rl = self.rl
+            else:
+                setattr(getattr(self, part), field, value)
+
+    return __init__
+
+
+TrainerConfig.__init__ = _trainer_init(TrainerConfig.__init__)
+
+
+def _moved_trainer_field(old: str):
+    part, field = _TRAINER_MOVED[old]
+
+    def get(self):
+        warn_renamed(f"TrainerConfig.{old}", f"TrainerConfig.{part}.{field}")
+        return getattr(getattr(self, part), field)
+
+    return property(get)
+
+
+for _name in _TRAINER_MOVED:
+    setattr(TrainerConfig, _name, _moved_trainer_field(_name))
+
+__all__ = ["PolicyLossConfig", "RunConfig", "TrainerConfig"]

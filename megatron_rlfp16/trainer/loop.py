@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
 from megatron_rlfp16.trainer.config import TrainerConfig
 from megatron_rlfp16.trainer.metrics import MetricsLogger
 from megatron_rlfp16.trainer.sources import PromptSource
@@ -26,118 +27,121 @@ RL_STATE = "rl_state.json"
 
 class Trainer:
     def __init__(self, config: TrainerConfig, source: PromptSource, *, model=None, arch=None):
-        """Builds (or takes) the Megatron model, the optimizer and the rollout engine.
+        """Resolves the run plan and builds the run's objects from it (``plan.build_run``).
 
-        ``model``/``arch`` let a caller hand over an already trained model (the demo's supervised
-        warm start); otherwise the model is loaded from ``config.hf_dir``.
-        """
-        from megatron_rlfp16.bridge import load_hf_checkpoint
-        from megatron_rlfp16.megatron.train import wrap_ddp
-        from megatron_rlfp16.models import build_model, read_config_json
-        from megatron_rlfp16.precision import OptimizerStep
-        from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine
-        from megatron_rlfp16.runtime import ParallelConfig, init_runtime
+        ``model`` lets a caller hand over an already built (or trained) Megatron model; otherwise it
+        is loaded from ``config.hf_dir``. ``arch`` is accepted for compatibility and must match."""
+        from megatron_rlfp16.plan import build_run, resolve_plan
 
-        self.config = config.validate()
+        self.config = config
+        self.plan = resolve_plan(config)
+        if arch is not None and arch != self.plan.arch:
+            raise ValueError(f"arch={arch} does not match {config.hf_dir}/config.json ({self.plan.arch})")
         self.source = source
-        run, precision = config.run, config.precision
-        init_runtime(ParallelConfig(tp=config.tp, pp=config.pp, ep=config.ep), seed=run.seed)
-        self.hf_config = read_config_json(config.hf_dir)
-        if model is None:
-            model, arch = build_model(self.hf_config, params_dtype=precision.trainer.torch_dtype,
-                                      config_overrides=precision.transformer_overrides())
-            load_hf_checkpoint(model, arch, config.hf_dir)
-            precision.prepare_model(model)
-        self.arch = arch
-        self.model = model if hasattr(model, "zero_grad_buffer") else wrap_ddp(
-            model, **{k: v for k, v in precision.ddp_kwargs().items() if k == "grad_reduce_in_fp32"})
-        self.optimizer = precision.build_optimizer(
-            [self.model], lr=run.lr, weight_decay=run.weight_decay, use_distributed_optimizer=False)
-        self.stepper = OptimizerStep(self.optimizer, precision, model=self.model)
-        self.engine = RolloutEngine(
-            config.hf_dir,
-            RolloutConfig(dtype=precision.rollout_precision.vllm_dtype, tp=config.rollout_tp or config.tp,
-                          seed=run.seed, max_model_len=self._max_model_len(),
-                          gpu_memory_utilization=config.rollout_gpu_memory_utilization,
-                          sleep_level=config.rollout_sleep_level),
-            engine_kwargs=precision.vllm_kwargs(),
-        )
+        self.arch = self.plan.arch
+        self.hf_config = dict(self.plan.hf_config)
+        objects = build_run(self.plan, seed=config.run.seed, model=model)
+        self.model, self.optimizer, self.stepper, self.engine = (
+            objects.model, objects.optimizer, objects.stepper, objects.engine)
         self.rank = dist.get_rank()
         self.step = 0
         self.ckpt_dir = os.path.join(config.out_dir, "checkpoint")
         if config.resume and os.path.isdir(self.ckpt_dir):
             self._load()
         self.sync_weights()  # the engine starts from the trainer's weights, whatever their origin
-        self.logger = MetricsLogger(config.out_dir, total_steps=run.steps, resume_step=self.step,
+        self.logger = MetricsLogger(config.out_dir, total_steps=config.run.steps, resume_step=self.step,
                                     tensorboard=config.tensorboard, progress=config.progress,
                                     enabled=self.rank == 0)
 
-    def _max_model_len(self) -> int:
-        return min(self.arch.max_position_embeddings, 256 + self.config.run.max_new_tokens)
-
-    # ---- one step ---------------------------------------------------------------------------
+    # ---- one step: the data path, one stage call each ----------------------------------------
     def train_step(self) -> Dict[str, float]:
-        from megatron_rlfp16.losses import compute_advantages
-        from megatron_rlfp16.megatron.recompute import compute_logprobs
-        from megatron_rlfp16.megatron.train import train_step
-        from megatron_rlfp16.mismatch import mismatch_metrics
-
-        run = self.config.run
-        t0 = time.perf_counter()
-        examples = self.source.prompts(self.step, run.prompts_per_step)
-        prompts = [self.source.encode_prompt(e) for e in examples]
-        batch = self.engine.generate_sharded(
-            prompts, n=run.group_size, temperature=run.temperature, max_tokens=run.max_new_tokens,
-            stop_token_ids=[self.source.eos_id], seed=run.seed * 7919 + self.step * 104729)
-        # GPU: the engine's weights and KV cache make room for training; the sync wakes the weights
-        # and the next rollout the KV cache (no-op on CPU).
-        self.engine.sleep()
-        t_rollout = time.perf_counter()
-        kept = [i for i in range(len(examples)) if i not in set(batch.skipped)]
-        rewards = torch.tensor([
-            self.source.reward(examples[batch.prompt_index[j]], self.source.decode(batch.responses[j]))
-            for j in range(len(batch))
-        ], dtype=torch.float32)
-        advantages = compute_advantages(rewards, run.group_size, estimator=run.advantage_estimator)
-        t_reward = time.perf_counter()
-
-        pad = self.config.tp if (self.arch.is_moe and self.config.tp > 1) else 1
-        tokens, mask, rollout_lp = batch.to_tensors(pad_id=0, pad_to_multiple=pad)
-        mine = self._dp_slice(len(batch))
-        micro = self._micro_batches(tokens[mine], mask[mine], rollout_lp[mine], advantages[mine])
-        old = compute_logprobs(self.model, [dict(input_ids=m["input_ids"]) for m in micro],
-                               vocab_size=self.arch.vocab_size, temperature=run.temperature)
-        mm = mismatch_metrics(old, rollout_lp[mine], mask[mine])
-        if run.recompute_old_logprobs:
-            for k, m in enumerate(micro):
-                m["old_logprobs"] = old[k * run.micro_batch_size:(k + 1) * run.micro_batch_size]
-        t_logprob = time.perf_counter()
-
-        metrics: Dict[str, float] = {}
-        groups = self._mini_batches(micro)
-        for group in groups:
-            out = train_step(self.model, group, self.config.loss, vocab_size=self.arch.vocab_size,
-                             temperature=run.temperature)
-            step_out = self.stepper.step()
-            for k, v in {**out, **step_out}.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v) / len(groups)
-        t_train = time.perf_counter()
-        sync = self.sync_weights()
-        t_end = time.perf_counter()
-
+        timer = _PhaseTimer()
+        examples, batch = self.rollout()
+        timer.mark("rollout")
+        rewards, advantages = self.score(examples, batch)
+        timer.mark("reward")
+        micro, tensors = self.micro_batches(batch, advantages)
+        mismatch = self.old_logprobs(micro, tensors)
+        timer.mark("logprobs")
+        metrics = self.update(micro)
+        timer.mark("train")
+        self.sync_weights()
+        timer.mark("weight_sync")
         self.step += 1
         metrics.update(
             reward=float(rewards.mean()) if len(rewards) else 0.0,
             reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
-            response_length=float(mask.sum(-1).mean()),
+            response_length=float(tensors["mask"].sum(-1).mean()),
             prompts_skipped=float(len(batch.skipped)),
-            prompts_used=float(len(kept)),
+            prompts_used=float(len(examples) - len(batch.skipped)),
             loss_scale=self.stepper.loss_scale,
-            time_rollout=t_rollout - t0, time_reward=t_reward - t_rollout,
-            time_logprobs=t_logprob - t_reward, time_train=t_train - t_logprob,
-            time_weight_sync=sync["seconds"], time_step=t_end - t0,
+            **timer.metrics(),
         )
-        metrics.update({f"mismatch/{k}": float(v) for k, v in mm.items()})
+        metrics.update({f"mismatch/{k}": float(v) for k, v in mismatch.items()})
+        return metrics
+
+    # ---- the stages -------------------------------------------------------------------------
+    def rollout(self):
+        """This step's prompts and the engine's samples (every rank gets the whole batch)."""
+        plan, run = self.plan, self.config.run
+        examples = self.source.prompts(self.step, run.prompts_per_step)
+        prompts = [self.source.encode_prompt(e) for e in examples]
+        batch = self.engine.generate_sharded(
+            prompts, n=plan.group_size, temperature=plan.temperature, max_tokens=run.max_new_tokens,
+            stop_token_ids=[self.source.eos_id], seed=run.seed * 7919 + self.step * 104729)
+        # GPU: the engine's weights and KV cache make room for training; the sync wakes the weights
+        # and the next rollout the KV cache (no-op on CPU).
+        self.engine.sleep()
+        return examples, batch
+
+    def score(self, examples, batch):
+        """Rewards through the source's batched interface, then group advantages."""
+        from megatron_rlfp16.losses import compute_advantages
+
+        texts = [self.source.decode(r) for r in batch.responses]
+        rewards = torch.tensor(self.source.score([examples[i] for i in batch.prompt_index], texts),
+                               dtype=ACCUM_DTYPE)
+        advantages = compute_advantages(rewards, self.plan.group_size,
+                                        estimator=self.config.rl.advantage_estimator)
+        return rewards, advantages
+
+    def micro_batches(self, batch, advantages):
+        """This data-parallel rank's micro-batches, padded to the plan's sequence multiple."""
+        from megatron_rlfp16.megatron.batch import split
+
+        tokens, mask, rollout_lp = batch.to_tensors(pad_id=0, pad_to_multiple=self.plan.seq_multiple)
+        mine = self._dp_slice(len(batch))
+        tensors = dict(input_ids=tokens[mine], loss_mask=mask[mine], rollout_logprobs=rollout_lp[mine],
+                       advantages=advantages[mine])
+        return split(tensors, self.plan.micro_batch_size), dict(tensors, mask=mask)
+
+    def old_logprobs(self, micro, tensors) -> Dict[str, torch.Tensor]:
+        """π_old by the trainer (unless bypassed), written into the micro-batches; returns the
+        trainer-vs-rollout mismatch metrics of this rank's samples."""
+        from megatron_rlfp16.megatron.recompute import compute_logprobs
+        from megatron_rlfp16.mismatch import mismatch_metrics
+
+        old = compute_logprobs(self.model, [dict(input_ids=m["input_ids"]) for m in micro],
+                               vocab_size=self.arch.vocab_size, temperature=self.plan.temperature)
+        if self.config.run.recompute_old_logprobs:
+            size = self.plan.micro_batch_size
+            for k, m in enumerate(micro):
+                m["old_logprobs"] = old[k * size:(k + 1) * size]
+        return mismatch_metrics(old, tensors["rollout_logprobs"], tensors["loss_mask"])
+
+    def update(self, micro) -> Dict[str, float]:
+        """The policy updates: one optimizer step per mini-batch; metrics averaged over them."""
+        from megatron_rlfp16.megatron.train import train_step
+
+        per = self.plan.micro_batches_per_update
+        groups = [micro[i:i + per] for i in range(0, len(micro), per)]
+        metrics: Dict[str, float] = {}
+        for group in groups:
+            out = train_step(self.model, group, self.config.rl.loss, vocab_size=self.arch.vocab_size,
+                             temperature=self.plan.temperature)
+            step_out = self.stepper.step()
+            for k, v in {**out, **step_out}.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / len(groups)
         return metrics
 
     def _dp_slice(self, n: int) -> slice:
@@ -149,30 +153,12 @@ class Trainer:
         per = n // dp
         return slice(rank * per, (rank + 1) * per)
 
-    def _micro_batches(self, tokens, mask, rollout_lp, advantages) -> List[dict]:
-        size = self.config.run.micro_batch_size
-        out = []
-        for lo in range(0, tokens.shape[0], size):
-            out.append(dict(input_ids=tokens[lo:lo + size], loss_mask=mask[lo:lo + size],
-                            rollout_logprobs=rollout_lp[lo:lo + size], advantages=advantages[lo:lo + size]))
-        if len({m["input_ids"].shape[0] for m in out}) > 1:
-            raise ValueError(f"micro_batch_size={size} must divide the {tokens.shape[0]} samples per rank")
-        return out
-
-    def _mini_batches(self, micro: List[dict]) -> List[List[dict]]:
-        k = self.config.run.updates_per_step
-        if len(micro) % k:
-            raise ValueError(f"updates_per_step={k} must divide the {len(micro)} micro-batches per rank")
-        per = len(micro) // k
-        return [micro[i * per:(i + 1) * per] for i in range(k)]
-
     def sync_weights(self) -> Dict[str, float]:
         """Streams the trainer's weights into the rollout engine (collective)."""
         from megatron_rlfp16.bridge import export_hf
 
-        dtype = self.config.precision.rollout_precision.torch_dtype
-        stream = export_hf(self.model, self.arch, dtype=dtype,
-                           bucket_bytes=self.config.run.sync_bucket_mb << 20)
+        stream = export_hf(self.model, self.arch, dtype=self.plan.export_dtype,
+                           bucket_bytes=self.plan.sync_bucket_bytes)
         return self.engine.update_weights(stream)
 
     # ---- the run ----------------------------------------------------------------------------
@@ -217,6 +203,22 @@ class Trainer:
     def close(self) -> None:
         self.logger.close()
         self.engine.close()
+
+
+class _PhaseTimer:
+    """Wall time of the step's phases, as ``time_<phase>`` metrics plus ``time_step``."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.phases: Dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[f"time_{phase}"] = now - self.last
+        self.last = now
+
+    def metrics(self) -> Dict[str, float]:
+        return dict(self.phases, time_step=self.last - self.start)
 
 
 def _jsonable(x):

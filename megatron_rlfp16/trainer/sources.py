@@ -17,6 +17,7 @@ class PromptSource(Protocol):
     def encode_prompt(self, example: Example) -> List[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def reward(self, example: Example, response_text: str) -> float: ...
+    def score(self, examples: Sequence[Example], responses: Sequence[str]) -> List[float]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -41,6 +42,10 @@ class TaskSource:
 
     def reward(self, example: Example, response_text: str) -> float:
         return self.task.reward(response_text, example.meta)
+
+    def score(self, examples: Sequence[Example], responses: Sequence[str]) -> List[float]:
+        """Rewards of a batch of ``(example, response text)`` pairs, in order."""
+        return [float(self.reward(e, r)) for e, r in zip(examples, responses)]
 
     def state_dict(self) -> dict:
         return {}
@@ -71,6 +76,15 @@ class JsonlSource:
 
     def reward(self, example: Example, response_text: str) -> float:
         return float(self.reward_fn(example.prompt, response_text, example.meta))
+
+    def score(self, examples: Sequence[Example], responses: Sequence[str]) -> List[float]:
+        """The reward's batched interface (``RewardFn.score``): one call for the whole step."""
+        from megatron_rlfp16.rewards.base import RewardInput
+
+        batch = [RewardInput(e.prompt, r, e.meta) for e, r in zip(examples, responses)]
+        if hasattr(self.reward_fn, "score"):
+            return [float(x) for x in self.reward_fn.score(batch)]
+        return [float(self.reward_fn(*item)) for item in batch]
 
     def state_dict(self) -> dict:
         return self.iterator.state_dict()

