@@ -52,6 +52,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
+from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
+
 MiB = 1 << 20
 Stream = Callable[[int], Iterator[Tuple[str, torch.Tensor]]]
 
@@ -315,7 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+    p.add_argument("--dtype", choices=tuple(x.vllm_dtype for x in Precision), default=Precision.BF16.vllm_dtype,
                    help="parameter dtype; the export keeps it")
     p.add_argument("--buckets", type=int, nargs="+", default=[16, 64, 256], help="bucket sizes in MiB")
     p.add_argument("--rounds", type=int, default=9, help="timed rounds per bucket size")

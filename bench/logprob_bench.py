@@ -35,7 +35,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
+
+DTYPES = {p.value: p.torch_dtype for p in (Precision.BF16, Precision.FP16)}
 
 
 # ---------------------------------------------------------------- (a) memory, in a child process
@@ -214,7 +216,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in vocabs:
             for backward in (False, True):
-                memory.append(run_memory_case(vocab, tokens, "bf16", backward, tmp))
+                memory.append(run_memory_case(vocab, tokens, Precision.BF16.value, backward, tmp))
         out = os.path.join(tmp, "step.pt")
         step_kwargs = dict(repeats=2 if args.quick else 5, seq_len=256, micro_batch=2,
                            num_micro=1 if args.quick else 2, vocab=32_000, hidden=256 if args.quick else 512,

@@ -35,6 +35,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
+from megatron_rlfp16.precision import Precision, PrecisionConfig  # noqa: E402
+
+FP16 = Precision.FP16.torch_dtype
+
 MiB = 1 << 20
 SHAPES = {
     "llama": dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
@@ -62,19 +66,20 @@ def family_job(family: str, bucket_mb: int, rounds: int, threads: int) -> Dict:
     torch.set_num_threads(threads)
     init_runtime(ParallelConfig())
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = make_tiny_model(family, os.path.join(tmp, family), seed=0, dtype=torch.float16,
+        hf_dir = make_tiny_model(family, os.path.join(tmp, family), seed=0, dtype=FP16,
                                  **SHAPES[family])
-        model, arch = build_model(read_config_json(hf_dir), params_dtype=torch.float16)
+        model, arch = build_model(read_config_json(hf_dir), params_dtype=FP16)
         model.eval()
         load_hf_checkpoint(model, arch, hf_dir)
-        engine = RolloutEngine(hf_dir, RolloutConfig(dtype="float16", tp=1, max_model_len=128))
+        engine = RolloutEngine(hf_dir, RolloutConfig(tp=1, max_model_len=128),
+                               engine_kwargs=PrecisionConfig(trainer=Precision.FP16).vllm_kwargs())
     params = [p.detach() for p in model.parameters()]
     nbytes = sum(p.numel() * p.element_size() for p in params)
-    flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float16)
+    flat = torch.empty(sum(p.numel() for p in params), dtype=FP16)
     bucket = bucket_mb * MiB
 
     def stream():
-        return export_hf(model, arch, dtype=torch.float16, bucket_bytes=bucket)
+        return export_hf(model, arch, dtype=FP16, bucket_bytes=bucket)
 
     def refit():
         return engine.update_weights(stream())["bytes"]
@@ -144,7 +149,9 @@ def main(argv=None) -> int:
 
     from megatron_rlfp16.runtime.launch import run_on_ranks
 
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from megatron_rlfp16.compat import vllm as vllm_compat
+
+    vllm_compat.set_log_level("WARNING")
     rows = []
     for family in args.families:
         print(f"[refit_bench] {family}: building, starting the engine, {args.rounds} rounds ...",

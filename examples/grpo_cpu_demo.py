@@ -27,7 +27,7 @@ from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--precision", default="fp16", choices=Precision.names(),
+    p.add_argument("--precision", default=Precision.FP16.value, choices=Precision.names(),
                    help="trainer and rollout precision (the same for both)")
     p.add_argument("--steps", type=int, default=100, help="GRPO steps")
     p.add_argument("--warm-start-steps", type=int, default=60, help="supervised steps before RL")

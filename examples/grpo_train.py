@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout-sleep-level", type=int, default=2, choices=[1, 2],
                    help="vLLM sleep level while training: 2 discards its weights (the refit rewrites "
                         "them), 1 keeps a host copy")
-    p.add_argument("--precision", default="fp16", choices=Precision.names(),
+    p.add_argument("--precision", default=Precision.FP16.value, choices=Precision.names(),
                    help="trainer and rollout precision (the same for both)")
     p.add_argument("--steps", type=int, default=100, help="GRPO steps")
     p.add_argument("--prompts-per-step", type=int, default=64)
@@ -158,7 +158,7 @@ def dry_run(config) -> dict:
     counts = analytic_param_count(arch)
     return dict(
         family=arch.family, layout=dict(tp=p.tp, pp=p.pp, ep=p.ep, world=world, rollout_tp=plan.rollout.tp),
-        precision=config.precision.trainer.value, sequence_parallel=tcfg.sequence_parallel,
+        precision=config.precision.trainer.value, sequence_parallel=plan.sequence_parallel,
         params_b=round(counts["total"] / 1e9, 3), active_params_b=round(counts["active"] / 1e9, 3),
         rank0_params_b=round(rank0 / 1e9, 3), rank0_param_dtypes=dtypes, device="meta",
         loss=config.rl.loss.loss, correction=config.rl.loss.correction, group_size=config.rl.group_size,

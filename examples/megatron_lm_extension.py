@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rlfp16.megatron.args import add_rl_args, loss_config_from_args  # noqa: E402
-from megatron_rlfp16.precision import PrecisionConfig  # noqa: E402
+from megatron_rlfp16.precision import Precision, PrecisionConfig  # noqa: E402
 
 
 def precision_settings(precision: str) -> dict:
@@ -64,14 +64,14 @@ def train_step_sketch(model, arch, micro_batches, args, forward_backward_func, o
     )
     update_ok, grad_norm, _ = optimizer.step()  # FP16: an overflowing step is skipped, scale backs off
     if engine is not None:  # refit the colocated rollout engine (megatron_rlfp16.rollout.RolloutEngine)
-        engine.update_weights(export_hf(model, arch, dtype=torch.float16))
+        engine.update_weights(export_hf(model, arch, dtype=Precision.parse(args.precision).torch_dtype))
     return update_ok, grad_norm
 
 
 def main(argv=None) -> int:
     # Megatron-LM: pretrain(..., extra_args_provider=add_rl_args) calls exactly this on its parser.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--precision", default=Precision.FP16.value, choices=Precision.names())
     parser.add_argument("--show", action="store_true", help="print the loss and precision settings")
     args = add_rl_args(parser).parse_args(argv)
     loss_config = loss_config_from_args(args)  # raises ValueError naming the bad --rl-* flag

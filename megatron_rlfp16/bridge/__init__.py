@@ -4,7 +4,7 @@ Typical use on every rank::
 
     model, arch = build_model(read_config_json(hf_dir))
     load_hf_checkpoint(model, arch, hf_dir)                 # each rank reads only its shards
-    for name, tensor in export_hf(model, arch, dtype=torch.float16):
+    for name, tensor in export_hf(model, arch, dtype=precision.rollout_precision.torch_dtype):
         ...                                                 # collective: every rank iterates
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Iterable, Tuple
 import torch
 
 __all__ = [
-    "configure_in_process", "model_runner", "quiet_expected_reload_warnings", "reload_weights",
+    "configure_in_process", "model_runner", "set_log_level", "quiet_expected_reload_warnings", "reload_weights",
     "rerun_expert_processing", "shutdown",
 ]
 
@@ -26,6 +26,12 @@ def configure_in_process() -> None:
     ``VLLM_CPU_KVCACHE_SPACE`` (GiB, CPU backend) defaults to 1 so tiny test engines stay small."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def set_log_level(level: str = "WARNING") -> None:
+    """vLLM's log level unless the user set one (``VLLM_LOGGING_LEVEL``, read when vLLM is first
+    imported; checked on 0.32.0): tools and benches keep vLLM's per-refit INFO lines out."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
 
 
 def model_runner(llm):

@@ -36,6 +36,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
+
 DEFAULT_CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 128 << 20}
 """Default size of one FP32 chunk (tokens × local vocabulary × 4 bytes) by device type. On CPU a
 chunk that stays in cache makes the per-chunk passes cheap (measured single-threaded on this
@@ -68,7 +70,7 @@ def _scaled_minus(block: torch.Tensor, shift: Optional[torch.Tensor], temperatur
     into the caller's logits). FP32 logits at T = 1 take one fused pass; other dtypes are upcast
     first (on CPU a mixed-dtype subtraction is slower than an upcast copy plus an FP32 one)."""
     y = out[: block.shape[0]]
-    if shift is not None and temperature == 1.0 and block.dtype == torch.float32:
+    if shift is not None and temperature == 1.0 and block.dtype == ACCUM_DTYPE:
         return torch.sub(block, shift[:, None], out=y)
     y.copy_(block)
     if temperature != 1.0:
@@ -81,7 +83,7 @@ def _scaled_minus(block: torch.Tensor, shift: Optional[torch.Tensor], temperatur
 def _workspace(count: int, chunk: int, valid: int, like: torch.Tensor):
     # Allocated once per call and reused by every chunk: fresh buffers per chunk cost page faults.
     rows = min(chunk, like.shape[0])
-    return [torch.empty(rows, valid, dtype=torch.float32, device=like.device) for _ in range(count)]
+    return [torch.empty(rows, valid, dtype=ACCUM_DTYPE, device=like.device) for _ in range(count)]
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -92,8 +94,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         n = logits.shape[0]
         dev = logits.device
         # Per token, relative to this shard's own max m_r: [Σ exp, target logit, Σ exp·y].
-        m = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
-        stats = torch.zeros(n, 3, dtype=torch.float32, device=dev)
+        m = torch.full((n,), float("-inf"), dtype=ACCUM_DTYPE, device=dev)
+        stats = torch.zeros(n, 3, dtype=ACCUM_DTYPE, device=dev)
         local_t = target - vocab_start
         in_range = (local_t >= 0) & (local_t < valid)
         local_t = torch.where(in_range, local_t, torch.zeros_like(local_t))
@@ -101,7 +103,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         for i in range(0, n if work else 0, chunk):
             j = min(i + chunk, n)
             block = logits[i:j, :valid]
-            if block.dtype == torch.float32 and temperature == 1.0:
+            if block.dtype == ACCUM_DTYPE and temperature == 1.0:
                 m[i:j] = block.amax(-1)  # then a single fused pass writes y = x − m
                 y = _scaled_minus(block, m[i:j], temperature, work[0])
             else:
@@ -150,12 +152,12 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         if valid < width:
             grad[:, valid:].zero_()
         # 1/T folded into the per-token factors: dx = p·(−g_lp/T − g_H/T·(log p + H)) + 1[t]·g_lp/T
-        g_lp = grad_logprobs.to(torch.float32) / temperature
-        g_h = grad_entropy.to(torch.float32) / temperature if ctx.with_entropy else None
+        g_lp = grad_logprobs.to(ACCUM_DTYPE) / temperature
+        g_h = grad_entropy.to(ACCUM_DTYPE) / temperature if ctx.with_entropy else None
         hit = torch.where(in_range, g_lp, torch.zeros_like(g_lp))
         # FP32 logits: the gradient is computed in place in its own rows (one pass less); otherwise
         # in an FP32 workspace, then rounded into the gradient's dtype.
-        direct = grad.dtype == torch.float32
+        direct = grad.dtype == ACCUM_DTYPE
         count = (0 if direct else 1) + (0 if g_h is None else 1)
         work = _workspace(count, chunk, valid, logits) if valid > 0 and n > 0 else []
         for i in range(0, n if valid > 0 else 0, chunk):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
+
 from megatron_rlfp16.losses.registry import ADVANTAGE_ESTIMATORS, register_advantage_estimator
 
 
@@ -69,6 +71,6 @@ def compute_advantages(
         raise ValueError(
             f"rewards has N={rewards.numel()} entries, not a multiple of group_size={group_size}"
         )
-    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    dtype = torch.promote_types(rewards.dtype, ACCUM_DTYPE)
     grouped = rewards.detach().to(dtype).reshape(-1, group_size)
     return fn(grouped, eps).reshape(-1)

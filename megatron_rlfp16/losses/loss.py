@@ -14,6 +14,8 @@ from typing import Optional, Union
 
 import torch
 
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
+
 from megatron_rlfp16.losses.config import PolicyLossConfig
 from megatron_rlfp16.losses.registry import AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
 
@@ -110,7 +112,7 @@ def policy_loss(
     _check_count("num_tokens", num_tokens)
     _check_count("num_seqs", num_seqs)
 
-    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    dtype = torch.promote_types(logprobs.dtype, ACCUM_DTYPE)
     mask = mask if mask.dtype == torch.bool else mask != 0
     maskf = mask.to(dtype)
 

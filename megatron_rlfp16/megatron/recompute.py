@@ -14,6 +14,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
+
 from megatron_rlfp16.megatron.batch import MicroBatch, check_micro_batches, model_inputs
 from megatron_rlfp16.megatron.loss_func import logprobs_head
 
@@ -71,7 +73,7 @@ def compute_logprobs(
     if ps.is_pipeline_last_stage():
         result = torch.cat(list(store), dim=1).contiguous()
     else:
-        result = torch.empty(rows, len(micro_batches) * batch_size, seq_length - 1, dtype=torch.float32,
+        result = torch.empty(rows, len(micro_batches) * batch_size, seq_length - 1, dtype=ACCUM_DTYPE,
                              device=device())
     pp_group = ps.get_pipeline_model_parallel_group()
     if dist.get_world_size(pp_group) > 1:

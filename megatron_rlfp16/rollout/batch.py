@@ -11,6 +11,8 @@ from typing import List
 
 import torch
 
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
+
 
 @dataclasses.dataclass
 class RolloutBatch:
@@ -52,5 +54,5 @@ class RolloutBatch:
             tokens[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
             lo, hi = len(p) - 1, len(p) - 1 + len(r)
             mask[i, lo:hi] = 1.0
-            logprobs[i, lo:hi] = torch.tensor(lp, dtype=torch.float32)
+            logprobs[i, lo:hi] = torch.tensor(lp, dtype=ACCUM_DTYPE)
         return tokens, mask, logprobs

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
+
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
@@ -69,7 +71,7 @@ def make_tiny_model(family: str, out_dir: str, *, seed: int = 0, dtype: Optional
     return out_dir
 
 
-def hf_logits(hf_dir: str, input_ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+def hf_logits(hf_dir: str, input_ids: torch.Tensor, dtype=ACCUM_DTYPE) -> torch.Tensor:
     """Reference logits from a transformers forward pass."""
     import transformers
 

@@ -14,13 +14,13 @@ it as far from vLLM's paged-attention code path as possible.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Sequence
 
 import torch
 
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE, Precision
+
 # In-process engine with a small KV cache (GiB): what a CPU test machine can afford.
-VLLM_CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def vllm_generate(
@@ -29,7 +29,7 @@ def vllm_generate(
     *,
     max_tokens: int = 8,
     temperature: float = 0.0,
-    dtype: str = "float32",
+    dtype: str = Precision.FP32.vllm_dtype,
     seed: int = 0,
     max_model_len: int = 128,
 ) -> List[Dict[str, list]]:
@@ -38,8 +38,9 @@ def vllm_generate(
     ``logprobs`` are the log-probs of the generated tokens under vLLM's raw (unscaled) distribution.
     EOS is ignored so that every completion has exactly ``max_tokens`` tokens.
     """
-    for key, value in VLLM_CPU_ENV.items():
-        os.environ.setdefault(key, value)
+    from megatron_rlfp16.compat import vllm as vllm_compat
+
+    vllm_compat.configure_in_process()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -53,7 +54,7 @@ def vllm_generate(
     finally:
         # Tear the engine down now, while its process group exists: left to the exit-time
         # finalizer, it would destroy groups that the launcher has already destroyed.
-        llm.llm_engine.engine_core.shutdown()
+        vllm_compat.shutdown(llm)
     results = []
     for out in outputs:
         completion = out.outputs[0]
@@ -64,7 +65,7 @@ def vllm_generate(
     return results
 
 
-def load_hf_model(hf_dir: str, dtype: torch.dtype = torch.float32):
+def load_hf_model(hf_dir: str, dtype: torch.dtype = ACCUM_DTYPE):
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
