@@ -149,6 +149,17 @@ class PrecisionConfig:
     """Clip the global gradient L2 norm to this value, after unscaling (Megatron ``clip_grad``);
     None disables clipping."""
 
+    def __post_init__(self) -> None:
+        # Normalize spellings ("half", torch.float16, ...) so that ``config.trainer.torch_dtype``
+        # works at once; a value that is no precision is left for validate() to report.
+        for name in ("trainer", "rollout"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    setattr(self, name, Precision.parse(value))
+                except ValueError:
+                    pass
+
     # -- validation ---------------------------------------------------------------------------
 
     def validate(self) -> "PrecisionConfig":
