@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--updates-per-step", type=int, default=2,
                    help="optimizer steps per rollout (PPO mini-batches; the clip matters from the 2nd on)")
+    p.add_argument("--micro-batch-size", type=int, default=32, help="sequences per forward/backward")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="llama", choices=["llama", "qwen3_moe"],
                    help="the tiny model's family: dense Llama or a 4-expert top-2 Qwen3-MoE")
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         hf_dir=hf_dir, out_dir=args.out, parallel=ParallelConfig(tp=args.tp, ep=args.ep),
         rollout=RolloutConfig(tp=args.rollout_tp), resume=not args.no_resume,
         run=RunConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=6,
-                      micro_batch_size=32, updates_per_step=args.updates_per_step, lr=args.lr,
+                      micro_batch_size=args.micro_batch_size, updates_per_step=args.updates_per_step, lr=args.lr,
                       seed=args.seed),
         rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
                     group_size=args.group_size),

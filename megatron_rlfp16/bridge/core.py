@@ -13,6 +13,7 @@ into the bucket.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -52,25 +53,20 @@ class Bridge:
         return names
 
     def canonical_names(self) -> List[str]:
-        """Canonical Megatron names of the full model (all layers, all experts), in export order."""
+        """Canonical Megatron names of the full model (all layers, all experts), in export order,
+        expanded from the family's mapping table: a pattern's first ``*`` is the layer, its second
+        the expert. The table is the only list of a family's parameters."""
         a = self.arch
-        layer = ["input_layernorm.weight", "self_attention.linear_qkv.weight",
-                 "self_attention.linear_proj.weight", "pre_mlp_layernorm.weight"]
-        if a.qkv_bias:
-            layer.append("self_attention.linear_qkv.bias")
-        if a.qk_norm:
-            layer += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
-        if a.is_moe:
-            layer.append("mlp.router.weight")
-            for e in range(a.num_experts):
-                layer += [f"mlp.experts.local_experts.{e}.linear_fc1.weight",
-                          f"mlp.experts.local_experts.{e}.linear_fc2.weight"]
-        else:
-            layer += ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
-        names = ["embedding.word_embeddings.weight"]
-        names += [f"decoder.layers.{i}.{n}" for i in range(a.num_layers) for n in layer]
-        names += ["decoder.final_layernorm.weight", "output_layer.weight"]
-        return names
+        ranges = [range(a.num_layers), range(a.num_experts or 0)]
+        names: List[str] = []
+        for m in self.mappings:
+            parts = m.megatron.split("*")
+            if len(parts) - 1 > len(ranges):
+                raise ValueError(f"{m!r}: more wildcards than layer and expert")
+            for numbers in itertools.product(*ranges[: len(parts) - 1]):
+                names.append("".join(p + (str(n) if i < len(numbers) else "")
+                                     for i, (p, n) in enumerate(itertools.zip_longest(parts, numbers))))
+        return sorted(names, key=_export_order)
 
     def _skip_on_export(self, canonical: str) -> bool:
         # A tied LM head is the embedding; the last pipeline stage's copy is not exported again.

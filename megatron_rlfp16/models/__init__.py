@@ -3,7 +3,6 @@ from megatron_rlfp16.models.builder import (
     build_model, causal_mask, layer_spec, sequence_multiple, transformer_config, uses_sequence_parallel,
 )
 from megatron_rlfp16.models.hf_config import (
-    FAMILIES,
     ConfigError,
     ModelArch,
     check_layout,
@@ -16,3 +15,11 @@ __all__ = [
     "layer_spec", "parse_hf_config", "read_config_json", "sequence_multiple", "transformer_config",
     "uses_sequence_parallel",
 ]
+
+
+def __getattr__(name: str):
+    if name == "FAMILIES":  # HF model_type -> family name, read from bridge/families on first use
+        from megatron_rlfp16.models import hf_config
+
+        return hf_config.FAMILIES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,8 @@
 
 Everything the builder and the bridge need is read here once, so an unsupported option fails early
 with the field name, its value and what is supported, instead of surfacing as a shape error later.
+The fields every family shares are read here; each family's own (biases, norms, experts, the
+options it refuses) are read by its file in ``bridge/families/``, beside its mapping table.
 """
 from __future__ import annotations
 
@@ -11,14 +13,6 @@ import math
 import os
 from typing import Any, Mapping, Optional
 
-# model_type -> family name used by the bridge registry.
-FAMILIES = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "qwen3_moe": "qwen3_moe",
-    "mixtral": "mixtral",
-}
 VOCAB_DIVISOR = 128
 """The vocabulary is padded to a multiple of lcm(128, tp) (Megatron-LM's ``make_vocab_size_divisible_by``).
 For power-of-two TP sizes up to 128 the padded size does not depend on TP, so a distributed checkpoint
@@ -32,7 +26,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class ModelArch:
     family: str
-    """One of ``FAMILIES`` values."""
+    """A family name of ``bridge/families`` (``FAMILIES`` maps HF model types onto them)."""
     vocab_size: int
     """The HF vocabulary size (before Megatron's padding)."""
     hidden_size: int
@@ -80,6 +74,11 @@ def read_config_json(hf_dir: str) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
+def get_field(cfg: Mapping[str, Any], key: str, default: Any = dataclasses.MISSING) -> Any:
+    """``cfg[key]``, or ``default``; a missing required field is a ``ConfigError`` naming it."""
+    return _get(cfg, key, default)
+
+
 def _get(cfg: Mapping[str, Any], key: str, default: Any = dataclasses.MISSING) -> Any:
     if key in cfg and cfg[key] is not None:
         return cfg[key]
@@ -101,27 +100,16 @@ def _rope_theta(cfg: Mapping[str, Any]) -> float:
 
 
 def parse_hf_config(cfg: Mapping[str, Any]) -> ModelArch:
-    """Validates an HF config dict (or ``PretrainedConfig``) and returns its ``ModelArch``."""
+    """Validates an HF config dict (or ``PretrainedConfig``) and returns its ``ModelArch``: the shared
+    fields here, the family's own from its ``Family.arch_fields``."""
+    from megatron_rlfp16.bridge.families import family_for_model_type
+
     if hasattr(cfg, "to_dict"):
         cfg = cfg.to_dict()
-    model_type = cfg.get("model_type")
-    if model_type not in FAMILIES:
-        raise ConfigError(
-            f"config field 'model_type'={model_type!r} is not supported; supported: {sorted(FAMILIES)}"
-        )
-    family = FAMILIES[model_type]
+    family = family_for_model_type(cfg.get("model_type"))
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"config field 'hidden_act'={act!r} is not supported; supported: 'silu'")
-    for flag in ("attention_bias", "mlp_bias"):
-        if family == "llama" and cfg.get(flag):
-            raise ConfigError(f"config field {flag!r}=True is not supported for llama; supported: False")
-    if family == "mixtral" and cfg.get("sliding_window"):
-        raise ConfigError(
-            f"config field 'sliding_window'={cfg['sliding_window']!r} is not supported; supported: null"
-        )
-    if cfg.get("use_sliding_window"):
-        raise ConfigError("config field 'use_sliding_window'=True is not supported; supported: False")
     hidden = int(_get(cfg, "hidden_size"))
     heads = int(_get(cfg, "num_attention_heads"))
     kv_heads = int(_get(cfg, "num_key_value_heads", heads))
@@ -129,52 +117,32 @@ def parse_hf_config(cfg: Mapping[str, Any]) -> ModelArch:
         raise ConfigError(
             f"config field 'num_key_value_heads'={kv_heads} does not divide num_attention_heads={heads}"
         )
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    moe = {}
-    if family == "qwen3_moe":
-        if cfg.get("mlp_only_layers"):
-            raise ConfigError(
-                f"config field 'mlp_only_layers'={cfg['mlp_only_layers']!r} is not supported; supported: []"
-            )
-        if int(cfg.get("decoder_sparse_step", 1)) != 1:
-            raise ConfigError(
-                f"config field 'decoder_sparse_step'={cfg['decoder_sparse_step']!r} is not supported; "
-                "supported: 1"
-            )
-        moe = dict(
-            # transformers >= 5 spells it num_local_experts; 4.x num_experts.
-            num_experts=int(cfg.get("num_local_experts") or _get(cfg, "num_experts")),
-            moe_topk=int(_get(cfg, "num_experts_per_tok")),
-            moe_ffn_hidden_size=int(_get(cfg, "moe_intermediate_size")),
-            moe_renormalize=bool(cfg.get("norm_topk_prob", True)),
-        )
-    elif family == "mixtral":
-        moe = dict(
-            num_experts=int(_get(cfg, "num_local_experts")),
-            moe_topk=int(_get(cfg, "num_experts_per_tok")),
-            moe_ffn_hidden_size=int(_get(cfg, "intermediate_size")),
-        )
-    if moe and not 1 <= moe["moe_topk"] <= moe["num_experts"]:
-        raise ConfigError(
-            f"config field 'num_experts_per_tok'={moe['moe_topk']} must be in [1, {moe['num_experts']}]"
-        )
-    return ModelArch(
-        family=family,
+    fields = dict(
+        family=family.name,
         vocab_size=int(_get(cfg, "vocab_size")),
         hidden_size=hidden,
         num_layers=int(_get(cfg, "num_hidden_layers")),
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=head_dim,
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
         ffn_hidden_size=int(_get(cfg, "intermediate_size")),
         norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(cfg),
         max_position_embeddings=int(_get(cfg, "max_position_embeddings", 4096)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2",
-        qk_norm=family in ("qwen3", "qwen3_moe"),
-        **moe,
     )
+    fields.update(family.arch_fields(cfg))
+    return ModelArch(**fields)
+
+
+def __getattr__(name: str):
+    # FAMILIES (HF model_type -> family name) is read from the family files on first use: they
+    # import this module, so it cannot be built while this module is being imported.
+    if name == "FAMILIES":
+        from megatron_rlfp16.bridge.families import model_types
+
+        return model_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_layout(arch: ModelArch, *, tp: int, pp: int, ep: int) -> None:

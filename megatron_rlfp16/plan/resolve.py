@@ -26,6 +26,8 @@ class RunPlan:
     hf_config: Mapping[str, Any]
     arch: ModelArch
     world_size: int
+    local_world_size: int
+    """Processes on this node (torchrun's ``LOCAL_WORLD_SIZE``); a rollout TP group stays inside one."""
     parallel: ParallelConfig
     """Megatron's layout with ``etp`` filled in."""
     data_parallel: int
@@ -135,6 +137,13 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
     if world % rollout.tp:
         raise ValueError(f"RolloutConfig.tp={rollout.tp} does not divide the world size {world}; "
                          f"valid: a divisor of {world}")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world_size is None else world
+    if local % rollout.tp:
+        raise ValueError(
+            f"RolloutConfig.tp={rollout.tp} does not divide the {local} processes per node "
+            f"(LOCAL_WORLD_SIZE): each colocated engine's TP group must stay inside one node; valid: a "
+            f"divisor of {local}"
+        )
     if config.run.max_new_tokens >= rollout.max_model_len:
         raise ValueError(
             f"RunConfig.max_new_tokens={config.run.max_new_tokens} leaves no room for a prompt within "
@@ -144,6 +153,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
     optimizer = dict(lr=config.run.lr, weight_decay=config.run.weight_decay, use_distributed_optimizer=False)
     return RunPlan(
         hf_dir=config.hf_dir, hf_config=types.MappingProxyType(cfg), arch=arch, world_size=world,
+        local_world_size=local,
         parallel=parallel, data_parallel=dp, precision=precision,
         trainer_dtype=precision.trainer.torch_dtype,
         transformer_overrides=types.MappingProxyType(precision.transformer_overrides()),

@@ -15,7 +15,7 @@ from megatron_rlfp16.bridge.mappings import (
     RowParallel,
     VocabParallel,
 )
-from megatron_rlfp16.models.hf_config import ModelArch
+from megatron_rlfp16.models.hf_config import ConfigError, ModelArch
 
 L = "decoder.layers.*."
 H = "model.layers.*."
@@ -73,3 +73,40 @@ def experts(router: str, expert: str, gate: str, up: str, down: str) -> List[Map
 
 def family_mappings(*parts: List[Mapping]) -> List[Mapping]:
     return [m for part in parts for m in part]
+
+
+# -- HF config checks the families share ------------------------------------------------------------
+
+
+def reject_truthy(cfg, *fields: str, family: str) -> None:
+    """Options the family's layout cannot express when set (e.g. Llama's ``attention_bias``)."""
+    for field in fields:
+        if cfg.get(field):
+            raise ConfigError(f"config field {field!r}={cfg[field]!r} is not supported for {family}; supported: False")
+
+
+def reject_sliding_window(cfg) -> None:
+    """Sliding-window attention is not built: Qwen's ``use_sliding_window`` must be off, and a
+    config without that switch (Mixtral, Mistral) must have ``sliding_window`` null."""
+    if cfg.get("use_sliding_window"):
+        raise ConfigError("config field 'use_sliding_window'=True is not supported; supported: False")
+    if "use_sliding_window" not in cfg and cfg.get("sliding_window"):
+        raise ConfigError(
+            f"config field 'sliding_window'={cfg['sliding_window']!r} is not supported; supported: null"
+        )
+
+
+def require(cfg, field: str, ok, supported: str) -> None:
+    """``ok(cfg.get(field))`` or a ``ConfigError`` naming the field, its value and ``supported``."""
+    if not ok(cfg.get(field)):
+        raise ConfigError(f"config field {field!r}={cfg.get(field)!r} is not supported; supported: {supported}")
+
+
+def moe_fields(cfg, *, num_experts: int, ffn: int, renormalize: bool) -> dict:
+    """The ``ModelArch`` MoE fields, with top-k checked against the expert count."""
+    from megatron_rlfp16.models.hf_config import get_field
+
+    topk = int(get_field(cfg, "num_experts_per_tok"))
+    if not 1 <= topk <= num_experts:
+        raise ConfigError(f"config field 'num_experts_per_tok'={topk} must be in [1, {num_experts}]")
+    return dict(num_experts=num_experts, moe_topk=topk, moe_ffn_hidden_size=ffn, moe_renormalize=renormalize)
