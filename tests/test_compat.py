@@ -1,0 +1,94 @@
+"""The compatibility modules against the installed vLLM and Megatron-Core: every private or
+version-specific name they rely on exists, and the CPU stand-ins can be entered and left.
+
+The calls that need a live engine (``model_runner``, ``reload_weights``, ``shutdown``) run in the
+``vllm`` lane through ``RolloutEngine`` (tests/test_rollout_sync.py, tests/test_trainer_*.py)."""
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def test_cpu_stand_ins_are_entered_explicitly_and_can_be_left():
+    script = textwrap.dedent("""
+        import torch
+        from megatron.core.tensor_parallel import random as mp_random
+        from megatron_rlfp16.compat import megatron as compat
+
+        before = (torch.cuda.current_device, torch.cuda.Stream, mp_random._get_cuda_rng_state)
+        assert not compat.cpu_stand_ins_installed()
+        with compat.cpu_stand_ins():
+            assert torch.cuda.current_device() == "cpu"
+            assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+            assert torch.ones(2, device="cuda").device.type == "cpu"
+            mp_random._get_cuda_rng_state()  # the model-parallel RNG tracker's CUDA state -> CPU's
+        after = (torch.cuda.current_device, torch.cuda.Stream, mp_random._get_cuda_rng_state)
+        assert after == before and not compat.cpu_stand_ins_installed()
+        assert torch.zeros(1).type() == "torch.FloatTensor"
+        print("OK")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_megatron_names_the_compat_module_relies_on_exist():
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_rlfp16.compat import megatron as compat
+
+    assert hasattr(DistributedOptimizer, "_init_optimizer_states_with_dummy_values")
+    assert callable(mp_random._get_cuda_rng_state) and callable(mp_random._set_cuda_rng_state)
+    compat.define_te_general_gemm()
+    assert hasattr(moe_utils, "te_general_gemm")
+
+
+def test_vllm_names_the_compat_module_relies_on_exist():
+    from vllm import LLM
+    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExperts
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+    from vllm.model_executor.model_loader.reload import layerwise
+    from vllm.model_executor.utils import is_weights_pre_processed
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    assert callable(is_weights_pre_processed) and hasattr(UnquantizedFusedMoEMethod, "process_weights_after_loading")
+    assert hasattr(FusedMoEExperts, "process_weights_after_loading")
+    assert hasattr(CPUModelRunner, "reload_weights")
+    assert hasattr(LLM, "reset_prefix_cache") and hasattr(LLM, "sleep") and hasattr(LLM, "wake_up")
+    assert layerwise.__name__ == "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def test_the_reload_log_filter_drops_only_rotary_warnings():
+    from megatron_rlfp16.compat.vllm import _RotaryReloadFilter
+
+    def record(layer):
+        return logging.LogRecord("x", logging.WARNING, "f", 1, "%s: Failed to load weights", (layer,), None)
+
+    f = _RotaryReloadFilter()
+    assert not f.filter(record("model.layers.0.self_attn.rotary_emb: RotaryEmbedding"))
+    assert f.filter(record("model.layers.0.mlp.experts: FusedMoE"))
+
+
+def test_configure_in_process_sets_the_engine_environment(monkeypatch):
+    import os
+
+    from megatron_rlfp16.compat import vllm as compat
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    compat.configure_in_process()
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+@pytest.mark.parametrize("level", ["WARNING"])
+def test_set_log_level_keeps_a_users_choice(monkeypatch, level):
+    import os
+
+    from megatron_rlfp16.compat import vllm as compat
+
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    compat.set_log_level(level)
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
