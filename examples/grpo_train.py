@@ -50,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-prompt", default=None, help="a system message put before every prompt")
+    p.add_argument("--prompt-template", default=None,
+                   help="wrap each text prompt, e.g. '{prompt} Put your final answer within \\boxed{{}}.' "
+                        "(base models; applied before the chat template when both are used)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="encode prompts as plain text even if the tokenizer has a chat template")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="a stop string (repeatable), besides the checkpoint's end token ids")
+    p.add_argument("--log-samples", type=int, default=0, metavar="N",
+                   help="every N steps write a few (prompt, response, reward) rows to samples.jsonl and "
+                        "TensorBoard (0: never)")
     p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoint exists")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and build the model on the meta device; no GPU, weights or vLLM")
@@ -68,7 +79,7 @@ def build_config(args: argparse.Namespace):
     rl = rl_config_from_args(args)
     run = RunConfig(
         steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
-        micro_batch_size=args.micro_batch_size, lr=args.lr, seed=args.seed,
+        micro_batch_size=args.micro_batch_size, lr=args.lr, seed=args.seed, log_samples=args.log_samples,
     )
     config = TrainerConfig(
         hf_dir=args.hf_dir, out_dir=args.out, parallel=ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),
@@ -82,11 +93,23 @@ def build_config(args: argparse.Namespace):
         raise ValueError(_with_flag(str(err))) from None
 
 
+def prompt_config(args: argparse.Namespace):
+    """The ``PromptConfig`` of the prompt flags, validated (errors name the flag)."""
+    from megatron_rlfp16.prompts import PromptConfig
+
+    config = PromptConfig(chat_template=not args.no_chat_template, system_prompt=args.system_prompt,
+                          prompt_template=args.prompt_template, stop=tuple(args.stop))
+    try:
+        return config.validate()
+    except ValueError as err:
+        raise ValueError(_with_flag(str(err))) from None
+
+
 def _with_flag(message: str) -> str:
     """Prefixes a config error with the flag that sets the field it names (the mapping is 1:1)."""
     import re
 
-    m = re.match(r"(RolloutConfig|RunConfig|TrainerConfig\.parallel)\.(\w+)=", message)
+    m = re.match(r"(RolloutConfig|RunConfig|TrainerConfig\.parallel|PromptConfig)\.(\w+)=", message)
     if not m:
         return message
     prefix = "--rollout-" if m.group(1) == "RolloutConfig" else "--"
@@ -170,6 +193,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = build_config(args)
+        prompt_config(args)  # refused here, before any rank or file is touched
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -194,7 +218,8 @@ def main(argv=None) -> int:
     from megatron_rlfp16.trainer import JsonlSource, Trainer
 
     source = JsonlSource(load_jsonl(args.data), AutoTokenizer.from_pretrained(args.hf_dir),
-                         get_reward("math"), seed=args.seed)
+                         get_reward("math"), seed=args.seed, hf_dir=args.hf_dir,
+                         prompt_config=prompt_config(args))
     trainer = Trainer(config, source)  # initializes torch.distributed and Megatron's parallel state
     try:
         trainer.fit()

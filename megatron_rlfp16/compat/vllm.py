@@ -62,12 +62,44 @@ def reload_weights(llm, weights: Iterable[Tuple[str, torch.Tensor]]) -> int:
     copies the result into the live tensors. A plain ``model.load_weights`` would write into
     parameters that processing already replaced; it is used only when nothing was replaced."""
     runner = model_runner(llm)
+    tied = _tied_modules(runner.model)
     if _loaders_intact(runner.model) or not hasattr(runner, "reload_weights"):
         runner.model.load_weights(weights)
-        return 0
-    with rerun_expert_processing(runner.model) as patched:
-        runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        patched = 0
+    else:
+        with rerun_expert_processing(runner.model) as patched:
+            runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    _reprocess(tied)
     return patched
+
+
+def _tied_modules(model) -> list:
+    """Modules whose ``weight`` is another module's Parameter: a tied LM head
+    (``ParallelLMHead.tie_weights`` in 0.32.0 assigns ``embed_tokens.weight`` to it)."""
+    owners, tied = set(), []
+    for module in model.modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is None:
+            continue
+        if id(weight) in owners:
+            tied.append(module)
+        owners.add(id(weight))
+    return tied
+
+
+def _reprocess(modules) -> None:
+    """Re-runs the post-load step of tied modules from their (now updated) shared weight.
+
+    The reload feeds a tied weight through its owner (the embedding); the tied module (the head)
+    receives nothing, so the layer-wise reload puts its old tensors back and its post-load products
+    stay stale. On CPU (0.32.0) that product is the head's GEMM: ``UnquantizedEmbeddingMethod.
+    process_weights_after_loading`` binds ``layer.cpu_linear`` to a packed copy of the weight made
+    at load time (``dispatch_cpu_unquantized_gemm``), so without this the engine kept sampling
+    from the old head. Elsewhere the step is a no-op for unquantized heads."""
+    for module in modules:
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
 
 
 @contextlib.contextmanager

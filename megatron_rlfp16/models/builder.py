@@ -42,6 +42,14 @@ def sequence_multiple(arch: ModelArch, tp: int) -> int:
     return tp if uses_sequence_parallel(arch, tp) else 1
 
 
+def model_sequence_multiple(model) -> int:
+    """``sequence_multiple`` of an already built (possibly wrapped) model, read from its config."""
+    while hasattr(model, "module"):
+        model = model.module
+    config = model.config
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
 def transformer_config(
     arch: ModelArch,
     *,

@@ -67,6 +67,8 @@ class JsonlReader:
             raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if self.prompt_field not in record and "messages" in record:
+            return self._chat_example(record, where)
         for name in (self.prompt_field, self.answer_field):
             if name not in record:
                 raise ValueError(f"{where}: missing field {name!r} (fields present: {sorted(record)}); "
@@ -81,6 +83,24 @@ class JsonlReader:
         meta = {k: v for k, v in record.items() if k not in (self.prompt_field, self.answer_field)}
         meta["answer"] = str(answer)
         return Example(prompt, str(answer), meta)
+
+
+    def _chat_example(self, record: dict, where: str) -> Example:
+        """A row with ``messages`` (a chat list) instead of a prompt: the chat goes to ``meta`` for
+        the prompt builder, the last user message is the prompt text the reward sees."""
+        from megatron_rlfp16.prompts import check_messages
+
+        messages = check_messages(record["messages"], f"{where}: field 'messages'")
+        if self.answer_field not in record:
+            raise ValueError(f"{where}: missing field {self.answer_field!r} (fields present: {sorted(record)})")
+        answer = record[self.answer_field]
+        if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+            raise ValueError(f"{where}: field {self.answer_field!r} must be a string or a number, got "
+                             f"{type(answer).__name__}")
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        meta = {k: v for k, v in record.items() if k != self.answer_field}
+        meta["messages"], meta["answer"] = messages, str(answer)
+        return Example(users[-1] if users else messages[-1]["content"], str(answer), meta)
 
 
 def load_jsonl(path: str, *, prompt_field: str = "prompt", answer_field: str = "answer") -> JsonlDataset:

@@ -56,3 +56,30 @@ class RolloutBatch:
             mask[i, lo:hi] = 1.0
             logprobs[i, lo:hi] = torch.tensor(lp, dtype=ACCUM_DTYPE)
         return tokens, mask, logprobs
+
+
+def apply_stop_strings(batch: "RolloutBatch", stops, decode) -> int:
+    """Cuts each response after the first token at which its decoded text contains one of the stop
+    strings ``stops``, and marks it finished; returns how many were cut.
+
+    The engine runs without a tokenizer (it is given and returns token ids), so stop *strings* are
+    applied here, after generation: the token at which a stop string completes is kept, the rest
+    (and its log-probs) dropped, exactly as if the engine had stopped there. ``decode`` maps ids to
+    text; a binary search over prefix lengths decodes O(log n) prefixes per response."""
+    cut = 0
+    for i, response in enumerate(batch.responses):
+        if not response or not any(s in decode(response) for s in stops):
+            continue
+        lo, hi = 1, len(response)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in decode(response[:mid]) for s in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo < len(response) or not batch.finished[i]:
+            batch.responses[i] = response[:lo]
+            batch.logprobs[i] = batch.logprobs[i][:lo]
+            batch.finished[i] = True
+            cut += 1
+    return cut

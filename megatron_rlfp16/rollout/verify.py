@@ -28,7 +28,9 @@ def verify_sync(engine, model, arch, *, prompts: Optional[Sequence[Sequence[int]
     batch = engine.generate(prompts, temperature=temperature, max_tokens=max_tokens, seed=seed)
     if not len(batch):
         raise ValueError("verify_sync: every probe prompt was skipped by the engine")
-    pad = _sequence_multiple(model)
+    from megatron_rlfp16.models.builder import model_sequence_multiple
+
+    pad = model_sequence_multiple(model)
     tokens, mask, rollout = batch.to_tensors(pad_to_multiple=pad)
     was_training = model.training
     model.eval()
@@ -38,10 +40,3 @@ def verify_sync(engine, model, arch, *, prompts: Optional[Sequence[Sequence[int]
     finally:
         model.train(was_training)
     return {k: float(v) for k, v in mismatch_metrics(train, rollout, mask).items()}
-
-
-def _sequence_multiple(model) -> int:
-    from megatron_rlfp16.bridge import unwrap
-
-    config = unwrap(model).config
-    return config.tensor_model_parallel_size if config.sequence_parallel else 1

@@ -78,3 +78,50 @@ def hf_logits(hf_dir: str, input_ids: torch.Tensor, dtype=ACCUM_DTYPE) -> torch.
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
     with torch.no_grad():
         return model(input_ids).logits
+
+
+# -- a checkpoint the way real instruct models ship: tokenizer, chat template, several end ids -----
+
+CHAT_SPECIALS = ("<pad>", "<s>", "</s>", "<|im_end|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>")
+CHAT_WORDS = tuple("0123456789") + ("what", "is", "+", "=", "?", "answer", "the", "be", "brief")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+CHAT_END_IDS = (3, 4)
+"""``<|im_end|>`` and ``<|endoftext|>``: the end ids ``generation_config.json`` lists (the
+tokenizer's own eos, ``</s>`` = 2, is a third)."""
+
+
+def make_chat_tokenizer(out_dir: Optional[str] = None):
+    """A word-level fast tokenizer (``tokenizers``, no download) with a Jinja chat template, saved
+    to ``out_dir`` when given; returns the transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(CHAT_SPECIALS + CHAT_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=list(CHAT_SPECIALS[3:]), chat_template=CHAT_TEMPLATE,
+    )
+    if out_dir is not None:
+        tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def make_chat_model(out_dir: str, *, seed: int = 0, tie_word_embeddings: bool = True) -> str:
+    """A tiny Llama whose vocabulary is :func:`make_chat_tokenizer`'s, saved with that tokenizer and a
+    ``generation_config.json`` listing :data:`CHAT_END_IDS` (tied embeddings by default, as in most
+    small instruct checkpoints)."""
+    import json
+
+    tokenizer = make_chat_tokenizer()
+    make_tiny_model("llama", out_dir, seed=seed, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2,
+                    pad_token_id=0, tie_word_embeddings=tie_word_embeddings)
+    tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": list(CHAT_END_IDS), "pad_token_id": 0}, f)
+    return out_dir

@@ -65,18 +65,24 @@ class RunConfig:
     """Save a checkpoint every N steps (0: only at the end)."""
     sync_bucket_mb: int = 256
     """Bucket size of the weight export into the rollout engine (bounds its extra memory)."""
+    log_samples: int = 0
+    """Every N steps, write a few (prompt, response, reward) rows to ``samples.jsonl`` and TensorBoard
+    (``--log-samples N``); 0: never."""
+    samples_per_log: int = 4
+    """Rows written each time samples are logged."""
 
     def validate(self) -> "RunConfig":
         positive = ("steps", "prompts_per_step", "max_new_tokens", "updates_per_step",
-                    "micro_batch_size", "sync_bucket_mb")
+                    "micro_batch_size", "sync_bucket_mb", "samples_per_log")
         for name in positive:
             value = getattr(self, name)
             if not _int_at_least(value, 1):
                 raise ValueError(f"RunConfig.{name}={value!r}: must be an integer >= 1")
         if not self.lr > 0:
             raise ValueError(f"RunConfig.lr={self.lr!r}: must be > 0")
-        if not _int_at_least(self.save_every, 0):
-            raise ValueError(f"RunConfig.save_every={self.save_every!r}: must be an integer >= 0")
+        for name in ("save_every", "log_samples"):
+            if not _int_at_least(getattr(self, name), 0):
+                raise ValueError(f"RunConfig.{name}={getattr(self, name)!r}: must be an integer >= 0")
         return self
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
+from megatron_rlfp16.rollout.batch import apply_stop_strings
 from megatron_rlfp16.trainer.config import TrainerConfig
 from megatron_rlfp16.trainer.metrics import MetricsLogger
 from megatron_rlfp16.trainer.sources import PromptSource
@@ -59,6 +60,7 @@ class Trainer:
         examples, batch = self.rollout()
         timer.mark("rollout")
         rewards, advantages = self.score(examples, batch)
+        self.log_samples(examples, batch, rewards)
         timer.mark("reward")
         micro, tensors = self.micro_batches(batch, advantages)
         mismatch = self.old_logprobs(micro, tensors)
@@ -74,6 +76,7 @@ class Trainer:
             response_length=float(tensors["mask"].sum(-1).mean()),
             prompts_skipped=float(len(batch.skipped)),
             prompts_used=float(len(examples) - len(batch.skipped)),
+            truncated_frac=float(sum(not f for f in batch.finished) / max(1, len(batch))),
             loss_scale=self.stepper.loss_scale,
             **timer.metrics(),
         )
@@ -86,9 +89,13 @@ class Trainer:
         plan, run = self.plan, self.config.run
         examples = self.source.prompts(self.step, run.prompts_per_step)
         prompts = [self.source.encode_prompt(e) for e in examples]
+        stop_ids = list(getattr(self.source, "stop_ids", None) or [self.source.eos_id])
         batch = self.engine.generate_sharded(
             prompts, n=plan.group_size, temperature=plan.temperature, max_tokens=run.max_new_tokens,
-            stop_token_ids=[self.source.eos_id], seed=run.seed * 7919 + self.step * 104729)
+            stop_token_ids=stop_ids, seed=run.seed * 7919 + self.step * 104729)
+        stops = getattr(self.source, "stop_strings", ())
+        if stops:
+            apply_stop_strings(batch, stops, self.source.decode)
         # GPU: the engine's weights and KV cache make room for training; the sync wakes the weights
         # and the next rollout the KV cache (no-op on CPU).
         self.engine.sleep()
@@ -104,6 +111,22 @@ class Trainer:
         advantages = compute_advantages(rewards, self.plan.group_size,
                                         estimator=self.config.rl.advantage_estimator)
         return rewards, advantages
+
+    def log_samples(self, examples, batch, rewards) -> None:
+        """Every ``run.log_samples`` steps, the first ``run.samples_per_log`` samples, decoded, with
+        their rewards (rank 0 writes ``samples.jsonl`` and TensorBoard text)."""
+        every = self.config.run.log_samples
+        step = self.step + 1
+        if not every or step % every or self.rank != 0:
+            return
+        rows = []
+        for j in range(min(self.config.run.samples_per_log, len(batch))):
+            example = examples[batch.prompt_index[j]]
+            rows.append(dict(prompt=self.source.decode(batch.prompts[j]), response=self.source.decode(batch.responses[j]),
+                             reward=float(rewards[j]), response_length=len(batch.responses[j]),
+                             truncated=not batch.finished[j], answer=example.answer,
+                             response_ids=list(batch.responses[j])))
+        self.logger.log_samples(step, rows)
 
     def micro_batches(self, batch, advantages):
         """This data-parallel rank's micro-batches, padded to the plan's sequence multiple."""

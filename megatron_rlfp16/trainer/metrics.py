@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, List
 
 
 class MetricsLogger:
@@ -15,12 +15,14 @@ class MetricsLogger:
                  progress: bool = True, enabled: bool = True):
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(out_dir, "samples.jsonl")
         self._tb = None
         self._bar = None
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self._truncate(resume_step)
+        self._truncate(resume_step, self.path)
+        self._truncate(resume_step, self.samples_path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -33,15 +35,16 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=resume_step, desc="rl", dynamic_ncols=True)
 
-    def _truncate(self, keep_through: int) -> None:
-        if not os.path.exists(self.path):
+    @staticmethod
+    def _truncate(keep_through: int, path: str) -> None:
+        if not os.path.exists(path):
             return
-        with open(self.path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= keep_through]
-        tmp = self.path + ".tmp"
+        tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(lines)
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
@@ -58,6 +61,22 @@ class MetricsLogger:
             shown = {k: record[k] for k in ("reward", "mismatch/prob_diff_mean", "loss_scale") if k in record}
             self._bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
             self._bar.update(1)
+
+    def log_samples(self, step: int, rows: List[Dict]) -> None:
+        """Appends ``rows`` (prompt, response, reward, ...) to ``samples.jsonl`` and shows them in
+        TensorBoard as a text table."""
+        if not self.enabled or not rows:
+            return
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
+        if self._tb is not None:
+            lines = ["| reward | length | prompt | response |", "| --- | --- | --- | --- |"]
+            for row in rows:
+                cells = [f"{row['reward']:.3g}", str(row["response_length"]), row["prompt"], row["response"]]
+                lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+            self._tb.add_text("samples", "\n".join(lines), step)
+            self._tb.flush()
 
     def close(self) -> None:
         if self._bar is not None:

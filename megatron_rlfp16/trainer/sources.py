@@ -55,21 +55,28 @@ class TaskSource:
 
 
 class JsonlSource:
-    """A JSONL dataset of ``{"prompt", "answer"}`` with a reward such as "math" and an HF tokenizer."""
+    """A JSONL dataset of ``{"prompt" | "messages", "answer"}`` with a reward such as "math" and an HF
+    tokenizer. Prompts go through ``megatron_rlfp16.prompts`` (the chat template by default);
+    generation stops at every end id of the checkpoint (``hf_dir``'s ``generation_config.json``
+    and the tokenizer)."""
 
-    def __init__(self, dataset, tokenizer, reward, *, seed: int = 0):
+    def __init__(self, dataset, tokenizer, reward, *, seed: int = 0, prompt_config=None, hf_dir=None):
+        from megatron_rlfp16.prompts import PromptBuilder, stop_token_ids
         from megatron_rlfp16.rewards import ShuffledIterator
 
         self.iterator = ShuffledIterator(dataset, seed=seed)
         self.tokenizer = tokenizer
         self.reward_fn = reward
-        self.eos_id = tokenizer.eos_token_id
+        self.builder = PromptBuilder(tokenizer, prompt_config)
+        self.stop_ids = stop_token_ids(hf_dir, tokenizer)
+        self.stop_strings = self.builder.config.stop
+        self.eos_id = self.stop_ids[0] if self.stop_ids else tokenizer.eos_token_id
 
     def prompts(self, step: int, n: int) -> List[Example]:
         return self.iterator.take(n)
 
     def encode_prompt(self, example: Example) -> List[int]:
-        return self.tokenizer.encode(example.prompt)
+        return self.builder.encode(example.prompt, example.meta.get("messages"))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
