@@ -59,6 +59,13 @@ def test_moe_mismatch_ratio(tmp_path):
     check_ratios(summary, "qwen3_moe")
 
 
+def test_tied_model_trainer_and_engine_agree_in_fp32(tmp_path):
+    # Most small real checkpoints tie the LM head to the embedding: one tensor on disk, two uses.
+    hf = make_tiny_model("llama", str(tmp_path / "tied"), seed=5, initializer_range=0.1, tie_word_embeddings=True)
+    (res,) = run_on_ranks(report.measure_rank, 1, hf, "float32", num_prompts=8, max_tokens=16, timeout=600)
+    assert res["metrics"]["prob_diff_mean"] < 1e-6, res["metrics"]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--dtypes", "float8"], "float8"),
     (["--dtypes", ""], "--dtypes"),

@@ -44,9 +44,6 @@ def refit_job(hf_dir, precision_name, rollout_tp):
     return dict(loaded=loaded, stale=stale, fresh=fresh, tied=arch.tie_embeddings)
 
 
-CASES = [("fp32", 2), ("fp32", 1), ("bf16", 2), ("fp16", 2)]
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tied")
@@ -54,9 +51,19 @@ def dirs(tmp_path_factory):
             for tied in (False, True)}
 
 
-@pytest.mark.parametrize("precision,rollout_tp", CASES, ids=[f"{p}-rollout_tp{t}" for p, t in CASES])
-def test_tied_head_is_refitted_like_an_untied_one(dirs, precision, rollout_tp):
-    results = {tied: run_on_ranks(refit_job, 2, dirs[tied], precision, rollout_tp, timeout=600)[0]
+@pytest.mark.parametrize("rollout_tp", [2, 1])
+def test_fp32_tied_head_is_refitted(dirs, rollout_tp):
+    # FP32 on both sides: only summation-order noise remains, the bound of the untied sync test
+    # (tests/test_rollout_sync.py); before the fix this was 0.98.
+    tied = run_on_ranks(refit_job, 2, dirs[True], "fp32", rollout_tp, timeout=600)[0]
+    assert tied["tied"]
+    assert tied["fresh"]["logprob_diff_abs_mean"] < 1e-4, tied
+    assert tied["stale"]["logprob_diff_abs_mean"] > 100 * max(tied["fresh"]["logprob_diff_abs_mean"], 1e-7)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_tied_head_is_refitted_like_an_untied_one(dirs, precision):
+    results = {tied: run_on_ranks(refit_job, 2, dirs[tied], precision, 2, timeout=600)[0]
                for tied in (False, True)}
     untied, tied = results[False], results[True]
     assert tied["tied"] and not untied["tied"]
