@@ -92,3 +92,25 @@ def test_set_log_level_keeps_a_users_choice(monkeypatch, level):
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     compat.set_log_level(level)
     assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
+
+
+def test_cpu_shm_segments_are_named_per_run_and_stale_ones_removed(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from vllm.distributed.device_communicators import cpu_communicator
+
+    from megatron_rlfp16.compat import vllm as compat
+
+    monkeypatch.setattr(cpu_communicator._CPUSHMDistributed, "make_group_name",
+                        cpu_communicator._CPUSHMDistributed.make_group_name)  # restored after the test
+    monkeypatch.setattr(compat, "SHM_DIR", str(tmp_path))
+    monkeypatch.setenv("MASTER_PORT", "29871")
+    compat.name_cpu_shm_per_run()
+    communicator = SimpleNamespace(unique_name="tp:0", ranks=[0, 1], rank=1)
+    stale = tmp_path / "rlfp16-29871-tp:0-[0-1]-cpushm_1"
+    stale.write_bytes(b"left by a killed run")
+    name = cpu_communicator._CPUSHMDistributed.make_group_name(communicator)
+    assert name == "rlfp16-29871-tp:0-[0-1]-cpushm"
+    assert not stale.exists()
+    compat.name_cpu_shm_per_run()  # idempotent: no double wrapping
+    assert cpu_communicator._CPUSHMDistributed.make_group_name(communicator) == name

@@ -13,7 +13,7 @@ from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine
 class RecordingLLM:
     def __init__(self):
         self.calls = []
-        model = SimpleNamespace(parameters=lambda: [], load_weights=self._load)
+        model = SimpleNamespace(parameters=lambda: [], modules=lambda: [], load_weights=self._load)
         runner = SimpleNamespace(model=model)
         self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
             driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=runner))))

@@ -13,7 +13,7 @@ from typing import Iterable, Tuple
 import torch
 
 __all__ = [
-    "configure_in_process", "model_runner", "set_log_level", "quiet_expected_reload_warnings", "reload_weights",
+    "configure_in_process", "model_runner", "name_cpu_shm_per_run", "set_log_level", "quiet_expected_reload_warnings", "reload_weights",
     "rerun_expert_processing", "shutdown",
 ]
 
@@ -23,9 +23,50 @@ def configure_in_process() -> None:
 
     ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in-process (vLLM >= 0.10, checked on
     0.32.0), so its model runner can be reached for in-place refit and scheduling is deterministic;
-    ``VLLM_CPU_KVCACHE_SPACE`` (GiB, CPU backend) defaults to 1 so tiny test engines stay small."""
+    ``VLLM_CPU_KVCACHE_SPACE`` (GiB, CPU backend) defaults to 1 so tiny test engines stay small.
+    On CPU the engine's shared-memory segments get names of this run (:func:`name_cpu_shm_per_run`)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if not torch.cuda.is_available():
+        name_cpu_shm_per_run()
+
+
+SHM_DIR = "/dev/shm"
+
+
+def _run_shm_group_name(communicator) -> str:
+    port = os.environ.get("MASTER_PORT", "0")
+    ranks = "-".join(str(r) for r in communicator.ranks)
+    return f"rlfp16-{port}-{communicator.unique_name}-[{ranks}]-cpushm"
+
+
+def name_cpu_shm_per_run() -> None:
+    """Gives vLLM-CPU's shared-memory all-reduce segments names of this run, and removes this rank's
+    stale segment of the same name.
+
+    vLLM-CPU 0.32.0 names each TP group's segment after ``VLLM_DIST_IDENT``, which its CPU worker
+    derives from the init method; under ``external_launcher`` that is always ``env://``, so every
+    engine on the machine uses ``-tp:0-[0-1]-cpushm_<rank>``. A run that died without closing its
+    engine leaves that file behind, and every later TP >= 2 engine on the machine then fails with
+    "create shm in SHMManager failed. errno: 17"; two runs at once collide the same way. The name
+    here carries the run's rendezvous port (``MASTER_PORT``, held by one live run at a time), so a
+    file of that name can only be a dead run's: each rank unlinks its own before creating it.
+    Patches ``_CPUSHMDistributed.make_group_name`` (a staticmethod); idempotent."""
+    from vllm.distributed.device_communicators import cpu_communicator
+
+    cls = cpu_communicator._CPUSHMDistributed
+    if getattr(cls.make_group_name, "_rlfp16", False):
+        return
+
+    def make_group_name(communicator) -> str:
+        name = _run_shm_group_name(communicator)
+        stale = os.path.join(SHM_DIR, f"{name}_{communicator.rank}")
+        if os.path.exists(stale):
+            os.unlink(stale)
+        return name
+
+    make_group_name._rlfp16 = True
+    cls.make_group_name = staticmethod(make_group_name)
 
 
 def set_log_level(level: str = "WARNING") -> None:
