@@ -44,6 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--ep", type=int, default=1, help="training expert parallelism (MoE)")
     p.add_argument("--rollout-tp", type=int, default=None,
                    help="rollout engine tensor parallelism (default: --tp); other ranks run replicas")
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="checkpoint every N steps (0: only at the end; default: a tenth of --steps)")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="resume a checkpoint saved with another precision, model, loss or layout "
+                        "(a deliberate ablation; recorded in metrics.jsonl)")
     p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoint exists")
     return p.parse_args(argv)
 
@@ -70,10 +75,10 @@ def main(argv=None) -> int:
         rollout=RolloutConfig(tp=args.rollout_tp), resume=not args.no_resume,
         run=RunConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=6,
                       micro_batch_size=args.micro_batch_size, updates_per_step=args.updates_per_step, lr=args.lr,
-                      seed=args.seed),
+                      seed=args.seed, save_every=args.save_every),
         rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
                     group_size=args.group_size),
-        precision=PrecisionConfig(trainer=args.precision),
+        precision=PrecisionConfig(trainer=args.precision), allow_changed_settings=args.allow_changed_settings,
     )
     source = TaskSource(task, tokenizer, seed=args.seed)
     start = time.monotonic()

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-samples", type=int, default=0, metavar="N",
                    help="every N steps write a few (prompt, response, reward) rows to samples.jsonl and "
                         "TensorBoard (0: never)")
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="checkpoint every N steps (0: only at the end; default: a tenth of --steps)")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="resume a checkpoint saved with another precision, model, loss or layout "
+                        "(a deliberate ablation; recorded in metrics.jsonl)")
     p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoint exists")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and build the model on the meta device; no GPU, weights or vLLM")
@@ -80,12 +85,14 @@ def build_config(args: argparse.Namespace):
     run = RunConfig(
         steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
         micro_batch_size=args.micro_batch_size, lr=args.lr, seed=args.seed, log_samples=args.log_samples,
+        save_every=args.save_every,
     )
     config = TrainerConfig(
         hf_dir=args.hf_dir, out_dir=args.out, parallel=ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),
         rollout=RolloutConfig(tp=args.rollout_tp, gpu_memory_utilization=args.rollout_gpu_memory_utilization,
                               sleep_level=args.rollout_sleep_level),
         run=run, rl=rl, resume=not args.no_resume, precision=PrecisionConfig(trainer=args.precision),
+        allow_changed_settings=args.allow_changed_settings,
     )
     try:
         return config.validate()

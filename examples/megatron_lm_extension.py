@@ -47,7 +47,6 @@ def train_step_sketch(model, arch, micro_batches, args, forward_backward_func, o
     loss_mask, advantages, old/rollout log-probs). Megatron-LM's default loss convention
     (``--calculate-per-token-loss`` off) is the one the loss function returns, ``(M·D·loss, metrics)``.
     """
-    import torch
     from megatron.core import parallel_state as ps
 
     from megatron_rlfp16.bridge import export_hf

@@ -20,6 +20,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_rlfp16.checkpoint import convert  # noqa: E402
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a parallel size of 0 or below would start no ranks)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; valid: an integer >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -30,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HF model directory (read by import, written by export)")
         s.add_argument("--megatron-dir", required=True,
                        help="Megatron checkpoint directory (written by import, read by export)")
-        s.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the ranks doing the work")
-        s.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-        s.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+        s.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size of the ranks doing the work")
+        s.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
+        s.add_argument("--ep", type=positive_int, default=1, help="expert-parallel size (MoE models)")
         s.add_argument("--dtype", choices=sorted(convert.DTYPES), default=None,
                        help="import: parameter dtype (default: the HF config's); "
                             "export: tensor dtype written (default: the checkpoint's)")
@@ -49,6 +60,9 @@ def main(argv=None) -> int:
     from megatron_rlfp16.runtime.launch import RankFailure, run_on_ranks
 
     try:
+        if os.path.realpath(args.hf_dir) == os.path.realpath(args.megatron_dir):
+            raise ValueError(f"--hf-dir and --megatron-dir are the same directory {args.hf_dir!r}; the "
+                             "conversion would replace its own source: give the output its own directory")
         if args.command == "import":
             cfg, _ = convert.validate_import(args.hf_dir, args.megatron_dir, tp=args.tp, pp=args.pp,
                                              ep=args.ep, overwrite=args.overwrite)

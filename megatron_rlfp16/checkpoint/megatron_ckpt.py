@@ -82,6 +82,7 @@ def save_megatron_checkpoint(
     tmp = _broadcast_str(target + f".tmp-{os.getpid()}" if _is_rank0() else None)
     try:
         if _is_rank0():
+            recover_checkpoint(target)  # a previous save killed mid-swap, or its leftovers
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         _barrier()
@@ -103,14 +104,55 @@ def save_megatron_checkpoint(
             for name, text in (extra_files or {}).items():
                 with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                     f.write(text)
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.rename(tmp, target)
+            _swap_in(tmp, target)
         _barrier()
     except BaseException:
         if _is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: str, target: str) -> None:
+    """Puts the complete checkpoint ``tmp`` at ``target`` with renames only, so that at every
+    instant a complete checkpoint exists: ``target`` (the old one), then ``target.old-PID`` (the old
+    one, moved aside), then ``target`` (the new one). The old one is deleted last."""
+    old = f"{target}.old-{os.getpid()}"
+    if os.path.exists(target):
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _siblings(target: str, marker: str):
+    parent, base = os.path.split(target)
+    if not os.path.isdir(parent or "."):
+        return []
+    prefix = base + marker
+    return sorted(os.path.join(parent, n) for n in os.listdir(parent or ".")
+                  if n.startswith(prefix) and n[len(prefix):].isdigit())
+
+
+def recover_checkpoint(ckpt_dir: str) -> list:
+    """Makes ``ckpt_dir`` the last complete checkpoint again after a save was killed; returns what
+    it removed or moved. Only this module's own names are touched: ``<dir>.tmp-<pid>`` (a write
+    that never finished: removed) and ``<dir>.old-<pid>`` (the previous checkpoint moved aside
+    during a swap: moved back when ``<dir>`` is missing, removed when ``<dir>`` is complete).
+    Not collective: call it on one rank (the saving rank does, before every save)."""
+    target = os.path.abspath(ckpt_dir)
+    done = []
+    for tmp in _siblings(target, ".tmp-"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        done.append(tmp)
+    olds = _siblings(target, ".old-")
+    if olds and not os.path.isdir(target):
+        newest = max(olds, key=os.path.getmtime)
+        os.rename(newest, target)
+        done.append(newest)
+        olds.remove(newest)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+        done.append(old)
+    return done
 
 
 def load_megatron_checkpoint(model, ckpt_dir: str, *, extra_state: Optional[Dict[str, Any]] = None) -> Dict:

@@ -58,6 +58,8 @@ class RunPlan:
     micro_batches_per_update: int
     group_size: int
     temperature: float
+    rl_loss: Any
+    """The run's ``PolicyLossConfig``."""
 
     def describe(self) -> dict:
         """A JSON-able summary (printed by dry runs, stored beside checkpoints)."""
@@ -163,6 +165,6 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         rollout=rollout, engine_kwargs=types.MappingProxyType(precision.vllm_kwargs()),
         export_dtype=precision.rollout_precision.torch_dtype,
         sync_bucket_bytes=config.run.sync_bucket_mb << 20,
-        group_size=config.rl.group_size, temperature=config.rl.temperature,
+        group_size=config.rl.group_size, temperature=config.rl.temperature, rl_loss=config.rl.loss,
         **_batch_arithmetic(config, dp),
     )

@@ -20,7 +20,7 @@ keep working and warn once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from megatron_rlfp16.deprecation import warn_renamed
 from megatron_rlfp16.losses import PolicyLossConfig
@@ -61,8 +61,9 @@ class RunConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     seed: int = 0
-    save_every: int = 0
-    """Save a checkpoint every N steps (0: only at the end)."""
+    save_every: Optional[int] = None
+    """Save a checkpoint every N steps (``--save-every``); 0: only at the end; None: every
+    ``max(1, steps // 10)`` steps, so a killed run loses at most a tenth of its work."""
     sync_bucket_mb: int = 256
     """Bucket size of the weight export into the rollout engine (bounds its extra memory)."""
     log_samples: int = 0
@@ -70,6 +71,11 @@ class RunConfig:
     (``--log-samples N``); 0: never."""
     samples_per_log: int = 4
     """Rows written each time samples are logged."""
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Steps between checkpoints (0: only at the end), with the None default resolved."""
+        return max(1, self.steps // 10) if self.save_every is None else self.save_every
 
     def validate(self) -> "RunConfig":
         positive = ("steps", "prompts_per_step", "max_new_tokens", "updates_per_step",
@@ -80,7 +86,9 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{name}={value!r}: must be an integer >= 1")
         if not self.lr > 0:
             raise ValueError(f"RunConfig.lr={self.lr!r}: must be > 0")
-        for name in ("save_every", "log_samples"):
+        if self.save_every is not None and not _int_at_least(self.save_every, 0):
+            raise ValueError(f"RunConfig.save_every={self.save_every!r}: must be None or an integer >= 0")
+        for name in ("log_samples",):
             if not _int_at_least(getattr(self, name), 0):
                 raise ValueError(f"RunConfig.{name}={getattr(self, name)!r}: must be an integer >= 0")
         return self
@@ -138,6 +146,9 @@ class TrainerConfig:
     tensorboard: bool = True
     progress: bool = True
     """A progress bar on the console (rank 0)."""
+    allow_changed_settings: bool = False
+    """Resume a checkpoint whose precision, model, loss or layout differ from this run's (an
+    ablation on purpose); the first resumed step's metrics record what changed. Off: refused."""
 
     def __post_init__(self) -> None:
         moved = getattr(self.run, "_moved_to_rl", {})

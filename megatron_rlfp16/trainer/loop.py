@@ -47,8 +47,11 @@ class Trainer:
         self.rank = dist.get_rank()
         self.step = 0
         self.ckpt_dir = os.path.join(config.out_dir, "checkpoint")
-        if config.resume and os.path.isdir(self.ckpt_dir):
-            self._load()
+        self._changes: Dict[str, str] = {}
+        if config.resume:
+            self._recover_checkpoint()
+            if os.path.isdir(self.ckpt_dir):
+                self._load()
         self.sync_weights()  # the engine starts from the trainer's weights, whatever their origin
         self.logger = MetricsLogger(config.out_dir, total_steps=config.run.steps, resume_step=self.step,
                                     tensorboard=config.tensorboard, progress=config.progress,
@@ -192,9 +195,13 @@ class Trainer:
         target = run.steps if stop_after is None else min(run.steps, self.step + stop_after)
         while self.step < target:
             metrics = self.train_step()
+            if self._changes:  # the boundary of a deliberate ablation, in the record
+                metrics["resumed_with_changed_settings"] = "; ".join(f"{k}: {v}" for k, v in self._changes.items())
+                self._changes = {}
             history.append(metrics)
             self.logger.log(self.step, metrics)
-            if run.save_every and self.step % run.save_every == 0 and self.step < run.steps:
+            every = run.checkpoint_interval
+            if every and self.step % every == 0 and self.step < run.steps:
                 self.save()
         if self.step >= run.steps:
             self.save()
@@ -204,8 +211,9 @@ class Trainer:
     def save(self) -> None:
         from megatron_rlfp16.checkpoint import save_megatron_checkpoint
 
-        state = dict(step=self.step, source=self.source.state_dict(),
-                     python_rng=random.getstate(), torch_rng=torch.get_rng_state().tolist())
+        state = dict(step=self.step, source=self.source.state_dict(), settings=resume_settings(self.plan),
+                     plan=self.plan.describe(), python_rng=random.getstate(),
+                     torch_rng=torch.get_rng_state().tolist())
         save_megatron_checkpoint(self.model, self.ckpt_dir, hf_config=self.hf_config, overwrite=True,
                                  extra_state=self.stepper.checkpoint_state(self.model),
                                  extra_files={RL_STATE: json.dumps(state, default=_jsonable)})
@@ -213,19 +221,62 @@ class Trainer:
     def _load(self) -> None:
         from megatron_rlfp16.checkpoint import load_megatron_checkpoint
 
-        loaded = load_megatron_checkpoint(self.model, self.ckpt_dir,
-                                          extra_state=self.stepper.checkpoint_state(self.model, is_loading=True))
-        self.stepper.load_checkpoint_state(loaded)
         with open(os.path.join(self.ckpt_dir, RL_STATE), encoding="utf-8") as f:
             state = json.load(f)
+        changes = changed_settings(state.get("settings", {}), resume_settings(self.plan))
+        if changes and not self.config.allow_changed_settings:
+            listed = "; ".join(f"{k}: checkpoint {old!r}, this run {new!r}" for k, (old, new) in changes.items())
+            raise ValueError(
+                f"{self.ckpt_dir} was saved with other settings ({listed}); resuming would mix two runs "
+                "in one record. Use the checkpoint's settings, another --out, or, for a deliberate "
+                "ablation, allow_changed_settings=True (--allow-changed-settings)"
+            )
+        self._changes = {k: f"{old} -> {new}" for k, (old, new) in changes.items()}
+        if "precision.trainer" in changes:
+            # Megatron's optimizers keep different state per precision (FP32 master copies only
+            # under FP16/BF16): the weights carry over, the optimizer and loss scale start afresh.
+            load_megatron_checkpoint(self.model, self.ckpt_dir)
+            self._changes["optimizer"] = "state reset (the trainer precision changed)"
+        else:
+            loaded = load_megatron_checkpoint(self.model, self.ckpt_dir,
+                                              extra_state=self.stepper.checkpoint_state(self.model, is_loading=True))
+            self.stepper.load_checkpoint_state(loaded)
         self.step = int(state["step"])
         self.source.load_state_dict(state["source"])
         random.setstate(_tuplify(state["python_rng"]))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
 
+    def _recover_checkpoint(self) -> None:
+        """Rank 0 puts the last complete checkpoint back in place after a save was killed (and
+        removes the temporary directories of killed writes); every rank then sees the same."""
+        from megatron_rlfp16.checkpoint import recover_checkpoint
+
+        if self.rank == 0:
+            recover_checkpoint(self.ckpt_dir)
+        dist.barrier()
+
     def close(self) -> None:
         self.logger.close()
         self.engine.close()
+
+
+def resume_settings(plan) -> Dict[str, object]:
+    """What a checkpoint cannot change on resume: precision on both sides, the model, the loss
+    family and the model-parallel layout (the optimizer state reshards over data parallelism only)."""
+    a, p, loss = plan.arch, plan.parallel, plan.rl_loss
+    return {
+        "precision.trainer": plan.precision.trainer.value,
+        "precision.rollout": plan.precision.rollout_precision.value,
+        "model": f"{a.family} L{a.num_layers} H{a.hidden_size} V{a.vocab_size} E{a.num_experts or 0}",
+        "loss": loss.loss,
+        "layout": f"tp={p.tp} pp={p.pp} ep={p.ep}",
+    }
+
+
+def changed_settings(saved: Dict[str, object], current: Dict[str, object]) -> Dict[str, tuple]:
+    """``{setting: (saved, current)}`` for every setting a checkpoint recorded that differs now (a
+    checkpoint from before settings were recorded has none to compare)."""
+    return {k: (saved[k], current.get(k)) for k in saved if saved[k] != current.get(k)}
 
 
 class _PhaseTimer:
