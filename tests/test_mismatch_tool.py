@@ -79,6 +79,15 @@ def test_bad_arguments(tmp_path, capsys, argv, needle):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.unit
+def test_an_out_path_that_is_a_file_is_refused_before_measuring(tmp_path, capsys):
+    hf = make_tiny_model("llama", str(tmp_path / "hf"))
+    (tmp_path / "o").write_text("a file")
+    assert load_tool().main(["--hf-dir", hf, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a directory" in err and "[mismatch]" not in err  # nothing was measured
+
+
 def test_missing_hf_dir(tmp_path, capsys):
     assert load_tool().main(["--hf-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err

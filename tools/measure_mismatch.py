@@ -35,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out_dir(path: str) -> None:
+    """``--out`` must be a directory that can be created or written: refused before any rank starts."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path!r} exists and is not a directory; give a directory for the report")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    target = path if os.path.isdir(path) else parent
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"--out {path!r}: {target!r} is not writable")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_rlfp16.models import parse_hf_config, read_config_json
@@ -49,6 +61,7 @@ def main(argv=None) -> int:
         if not args.temperature > 0:
             raise ValueError(f"--temperature={args.temperature}: must be > 0 (the trainer scores "
                              "temperature-scaled log-probs; greedy decoding has none)")
+        check_out_dir(args.out)  # before the measurement, not after it
         results = {}
         for dtype in dtypes:
             start = time.monotonic()
