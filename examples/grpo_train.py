@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-field", default="prompt", help="the JSONL field holding the prompt text")
+    p.add_argument("--answer-field", default="answer", help="the JSONL field holding the reference answer")
     p.add_argument("--system-prompt", default=None, help="a system message put before every prompt")
     p.add_argument("--prompt-template", default=None,
                    help="wrap each text prompt, e.g. '{prompt} Put your final answer within \\boxed{{}}.' "
@@ -224,7 +226,8 @@ def main(argv=None) -> int:
     from megatron_rlfp16.rewards import get_reward, load_jsonl
     from megatron_rlfp16.trainer import JsonlSource, Trainer
 
-    source = JsonlSource(load_jsonl(args.data), AutoTokenizer.from_pretrained(args.hf_dir),
+    data = load_jsonl(args.data, prompt_field=args.prompt_field, answer_field=args.answer_field)
+    source = JsonlSource(data, AutoTokenizer.from_pretrained(args.hf_dir),
                          get_reward("math"), seed=args.seed, hf_dir=args.hf_dir,
                          prompt_config=prompt_config(args))
     trainer = Trainer(config, source)  # initializes torch.distributed and Megatron's parallel state

@@ -332,6 +332,13 @@ def test_jsonl_good_file_with_blank_lines(tmp_path):
     assert data[0].meta == {"source": "hand", "answer": "2"}
 
 
+def test_jsonl_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode("utf-8") + (json.dumps({"prompt": "1+1?", "answer": 2}) + "\n").encode("utf-8"))
+    data = load_jsonl(str(path))
+    assert data[0].prompt == "1+1?" and data[0].answer == "2"
+
+
 def test_jsonl_custom_field_names(tmp_path):
     path = _write(tmp_path / "q.jsonl", [json.dumps({"question": "q1", "solution": "s1"})])
     data = load_jsonl(path, prompt_field="question", answer_field="solution")

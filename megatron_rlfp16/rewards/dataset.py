@@ -53,7 +53,8 @@ class JsonlReader:
 
     def __iter__(self) -> Iterator[Example]:
         self.num_blank = 0
-        with open(self.path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (what some editors and Windows tools write) is not part of line 1.
+        with open(self.path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     self.num_blank += 1
@@ -72,7 +73,8 @@ class JsonlReader:
         for name in (self.prompt_field, self.answer_field):
             if name not in record:
                 raise ValueError(f"{where}: missing field {name!r} (fields present: {sorted(record)}); "
-                                 f"choose the field with prompt_field= / answer_field=")
+                                 f"choose the fields with --prompt-field / --answer-field (load_jsonl(prompt_field=..., "
+                                 f"answer_field=...)), or give a 'messages' chat list instead of a prompt")
         prompt, answer = record[self.prompt_field], record[self.answer_field]
         if not isinstance(prompt, str):
             raise ValueError(f"{where}: field {self.prompt_field!r} must be a string, got "
