@@ -46,6 +46,8 @@ def parse_args(argv=None):
                    help="rollout engine tensor parallelism (default: --tp); other ranks run replicas")
     p.add_argument("--save-every", type=int, default=None, metavar="N",
                    help="checkpoint every N steps (0: only at the end; default: a tenth of --steps)")
+    p.add_argument("--keep-checkpoints", type=int, default=1, metavar="K",
+                   help="checkpoints kept: the latest as out/checkpoint, K-1 older as checkpoint.step-N")
     p.add_argument("--allow-changed-settings", action="store_true",
                    help="resume a checkpoint saved with another precision, model, loss or layout "
                         "(a deliberate ablation; recorded in metrics.jsonl)")
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     from megatron_rlfp16.precision import PrecisionConfig
     from megatron_rlfp16.rollout import RolloutConfig
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
+    from megatron_rlfp16.runtime.stop import RunStopped
     from megatron_rlfp16.trainer import RunConfig, TaskSource, Trainer, TrainerConfig, warm_start
     from megatron_rlfp16.trainer.embedded import embedded_setup
     from megatron_rlfp16.trainer.report import write_summary
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
         rollout=RolloutConfig(tp=args.rollout_tp), resume=not args.no_resume,
         run=RunConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=6,
                       micro_batch_size=args.micro_batch_size, updates_per_step=args.updates_per_step, lr=args.lr,
-                      seed=args.seed, save_every=args.save_every),
+                      seed=args.seed, save_every=args.save_every,
+                      keep_checkpoints=args.keep_checkpoints),
         rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
                     group_size=args.group_size),
         precision=PrecisionConfig(trainer=args.precision), allow_changed_settings=args.allow_changed_settings,
@@ -89,7 +93,13 @@ def main(argv=None) -> int:
             print(f"[demo] warm start: {len(sft)} supervised steps, final loss {sft[-1]['loss']:.3f}, "
                   f"skipped {sft[-1]['skipped_steps']:.0f}, loss scale {sft[-1]['loss_scale']:.0f}",
                   file=sys.stderr, flush=True)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except RunStopped as stop:  # SIGTERM/SIGINT: the step finished and was saved
+        if rank == 0:
+            print(f"[demo] {stop}", file=sys.stderr, flush=True)
+        trainer.close()
+        return stop.exit_code
     if rank == 0:
         summary = write_summary(args.out, precision=args.precision, seconds=time.monotonic() - start)
         print(json.dumps(summary, indent=2))

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-field", default="prompt", help="the JSONL field holding the prompt text")
     p.add_argument("--answer-field", default="answer", help="the JSONL field holding the reference answer")
+    p.add_argument("--on-bad-prompt", choices=["error", "skip"], default="error",
+                   help="a dataset line that cannot be used (invalid JSON, a missing or empty field, a prompt "
+                        "longer than the engine takes): stop with its file and line (error), or leave it "
+                        "out and count it (skip)")
     p.add_argument("--system-prompt", default=None, help="a system message put before every prompt")
     p.add_argument("--prompt-template", default=None,
                    help="wrap each text prompt, e.g. '{prompt} Put your final answer within \\boxed{{}}.' "
@@ -65,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "TensorBoard (0: never)")
     p.add_argument("--save-every", type=int, default=None, metavar="N",
                    help="checkpoint every N steps (0: only at the end; default: a tenth of --steps)")
+    p.add_argument("--keep-checkpoints", type=int, default=1, metavar="K",
+                   help="checkpoints kept: the latest as out/checkpoint, K-1 older as checkpoint.step-N")
     p.add_argument("--allow-changed-settings", action="store_true",
                    help="resume a checkpoint saved with another precision, model, loss or layout "
                         "(a deliberate ablation; recorded in metrics.jsonl)")
@@ -87,7 +93,7 @@ def build_config(args: argparse.Namespace):
     run = RunConfig(
         steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
         micro_batch_size=args.micro_batch_size, lr=args.lr, seed=args.seed, log_samples=args.log_samples,
-        save_every=args.save_every,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
     )
     config = TrainerConfig(
         hf_dir=args.hf_dir, out_dir=args.out, parallel=ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),
@@ -221,18 +227,28 @@ def main(argv=None) -> int:
         print("error: --data is required (or pass --dry-run)", file=sys.stderr)
         return 2
 
-    from transformers import AutoTokenizer
-
+    from megatron_rlfp16.plan import resolve_plan
+    from megatron_rlfp16.prompts import load_tokenizer
     from megatron_rlfp16.rewards import get_reward, load_jsonl
+    from megatron_rlfp16.runtime.stop import RunStopped
     from megatron_rlfp16.trainer import JsonlSource, Trainer
 
-    data = load_jsonl(args.data, prompt_field=args.prompt_field, answer_field=args.answer_field)
-    source = JsonlSource(data, AutoTokenizer.from_pretrained(args.hf_dir),
-                         get_reward("math"), seed=args.seed, hf_dir=args.hf_dir,
-                         prompt_config=prompt_config(args))
+    try:
+        # Sizes against the model (config.json) and this world, before the data or any weight is read.
+        resolve_plan(config)
+        data = load_jsonl(args.data, prompt_field=args.prompt_field, answer_field=args.answer_field,
+                          on_bad=args.on_bad_prompt)
+        source = JsonlSource(data, load_tokenizer(args.hf_dir), get_reward("math"), seed=args.seed,
+                             hf_dir=args.hf_dir, prompt_config=prompt_config(args), on_bad=args.on_bad_prompt)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {_with_flag(str(err))}", file=sys.stderr)
+        return 2
     trainer = Trainer(config, source)  # initializes torch.distributed and Megatron's parallel state
     try:
         trainer.fit()
+    except RunStopped as stop:  # SIGTERM/SIGINT: the step finished and was saved
+        print(f"[rank {trainer.rank}] {stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
     finally:
         trainer.close()
     return 0

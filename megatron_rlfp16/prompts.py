@@ -20,7 +20,7 @@ import json
 import os
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["PromptBuilder", "PromptConfig", "stop_token_ids"]
+__all__ = ["PromptBuilder", "PromptConfig", "load_tokenizer", "stop_token_ids"]
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -130,3 +130,25 @@ def stop_token_ids(hf_dir: Optional[str], tokenizer=None) -> List[int]:
         if i not in out:
             out.append(i)
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+"""A checkpoint directory with none of these has no tokenizer of its own."""
+
+
+def load_tokenizer(hf_dir: str):
+    """The checkpoint's own Hugging Face tokenizer, or an error naming the directory and what is
+    missing (transformers' own message for a directory without one is about sentencepiece)."""
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"--hf-dir {hf_dir!r} is not a directory")
+    if not any(os.path.isfile(os.path.join(hf_dir, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{hf_dir!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer "
+            "files of the model it was made from into it (an export copies them from the checkpoint it "
+            "reads when they are there)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(hf_dir)
+    except Exception as err:  # transformers raises many types for a damaged tokenizer
+        raise ValueError(f"{hf_dir!r}: the tokenizer cannot be loaded ({type(err).__name__}: {err})") from None

@@ -101,6 +101,65 @@ def test_jsonl_rows_may_hold_a_chat_list(tmp_path):
         load_jsonl(str(path))
 
 
+def _source(tokenizer, chat_dir, path, on_bad):
+    from megatron_rlfp16.rewards import get_reward, load_jsonl
+    from megatron_rlfp16.trainer import JsonlSource
+
+    return JsonlSource(load_jsonl(str(path), on_bad=on_bad), tokenizer, get_reward("math"), hf_dir=chat_dir,
+                       on_bad=on_bad)
+
+
+def test_over_long_prompts_are_named_or_left_out_before_the_run(chat_dir, tokenizer, tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "what is 2 ?", "answer": 2}, {"prompt": " ".join(["1 + 1"] * 40), "answer": 2},
+            {"prompt": "what is 3 ?", "answer": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    limit = 30
+    long_ids = len(_template_ids(tokenizer, [{"role": "user", "content": rows[1]["prompt"]}]))
+    assert long_ids > limit >= len(_template_ids(tokenizer, [{"role": "user", "content": rows[0]["prompt"]}]))
+    with pytest.raises(ValueError, match=rf"data.jsonl:2: the prompt has {long_ids} tokens, over the engine's "
+                                         rf"limit of {limit} .*--on-bad-prompt skip"):
+        _source(tokenizer, chat_dir, path, "error").check_prompts(limit)
+    source = _source(tokenizer, chat_dir, path, "skip")
+    assert source.check_prompts(limit) == 2
+    assert [where for where, _ in source.skipped] == [f"{path}:2"]
+    drawn = source.prompts(0, 6)  # an epoch is the two usable prompts, in a seeded order
+    assert sorted({e.prompt for e in drawn}) == ["what is 2 ?", "what is 3 ?"]
+    assert source.encode_prompt(drawn[0]) == _template_ids(tokenizer, [{"role": "user", "content": drawn[0].prompt}])
+
+
+class _Source:
+    """Prompts of given token lengths, drawn in order."""
+
+    def __init__(self, lengths):
+        from megatron_rlfp16.rewards import Example
+
+        self.queue = [Example(f"p{i}-{n}", "", {"n": n}) for i, n in enumerate(lengths)]
+
+    def prompts(self, step, n):
+        out, self.queue = self.queue[:n], self.queue[n:]
+        return out
+
+    def encode_prompt(self, example):
+        return [5] * example.meta["n"]
+
+
+def test_a_step_tops_up_prompts_that_do_not_fit_the_engine():
+    from types import SimpleNamespace
+
+    from megatron_rlfp16.trainer import RunConfig, Trainer
+
+    def trainer(lengths):
+        return SimpleNamespace(source=_Source(lengths), step=0, config=SimpleNamespace(run=RunConfig(prompts_per_step=3)),
+                               plan=SimpleNamespace(rollout=SimpleNamespace(max_model_len=10)))
+
+    examples, ids, left_out = Trainer.step_prompts(trainer([4, 0, 9, 10, 3, 2]))
+    assert [len(x) for x in ids] == [4, 9, 3] and left_out == 2  # 0 and 10 tokens do not fit
+    assert [e.prompt for e in examples] == ["p0-4", "p2-9", "p4-3"]
+    with pytest.raises(ValueError, match=r"step 1: only 1 of 3 prompts fit the engine \(1 to 9 tokens\) after 8 draws"):
+        Trainer.step_prompts(trainer([4] + [50] * 30))
+
+
 def test_stop_strings_cut_where_the_string_completes():
     from megatron_rlfp16.rollout import RolloutBatch
     from megatron_rlfp16.rollout.batch import apply_stop_strings

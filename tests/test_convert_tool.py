@@ -240,3 +240,63 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
             pathlib.Path(tmp, "half.safetensors").write_bytes(b"x")
             raise RuntimeError("disk full")
     assert listing(tmp_path) == []
+
+
+def test_damaged_json_files_are_named(dense, tmp_path, capsys):
+    root, hf = dense
+    # A corrupt safetensors index.
+    broken = tmp_path / "hf"
+    broken.mkdir()
+    for name in os.listdir(hf):
+        (broken / name).write_bytes((pathlib.Path(hf) / name).read_bytes())
+    (broken / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
+    expect_failure(capsys, ["import", "--hf-dir", broken, "--megatron-dir", tmp_path / "m"],
+                   f"{broken}/model.safetensors.index.json: not valid JSON", "line 1 column")
+    # A corrupt rlfp16.json in a Megatron checkpoint.
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "rlfp16.json").write_text("{format_version: 1}")
+    expect_failure(capsys, ["export", "--megatron-dir", ckpt, "--hf-dir", tmp_path / "out"],
+                   f"{ckpt}/rlfp16.json: not valid JSON")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_truncated_shard_file_is_named_before_any_rank_starts(dense, tmp_path, capsys):
+    root, _ = dense
+    ckpt = tmp_path / "m"
+    ckpt.mkdir()
+    for name in os.listdir(root / "m_tp2"):
+        (ckpt / name).write_bytes((root / "m_tp2" / name).read_bytes())
+    shard = sorted(n for n in os.listdir(ckpt) if n.endswith(".distcp"))[-1]
+    data = (ckpt / shard).read_bytes()
+    (ckpt / shard).write_bytes(data[: len(data) // 3])
+    expect_failure(capsys, ["export", "--megatron-dir", ckpt, "--hf-dir", tmp_path / "out"],
+                   f"{ckpt}/{shard}: truncated", "not written or copied completely")
+    (ckpt / shard).unlink()
+    expect_failure(capsys, ["export", "--megatron-dir", ckpt, "--hf-dir", tmp_path / "out"],
+                   f"{ckpt}/{shard}: missing")
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_keeps_the_directory_mode_and_stale_temps_are_removed(dense, tmp_path):
+    root, _ = dense
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chmod(out, 0o751)
+    # What a killed export leaves (its process is gone), and a live export's directory.
+    dead = tmp_path / ".out.tmp-999999999"
+    live = tmp_path / f".out.tmp-{os.getppid()}"
+    dead.mkdir(), live.mkdir()
+    assert convert("export", "--megatron-dir", root / "m_tp2", "--hf-dir", out, "--overwrite") == 0
+    assert os.stat(out).st_mode & 0o7777 == 0o751
+    assert listing(tmp_path) == [live.name, "out"]
+    fresh = tmp_path / "fresh"
+    assert convert("export", "--megatron-dir", root / "m_tp2", "--hf-dir", fresh) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(fresh).st_mode & 0o777 == 0o777 & ~umask  # not a private temp dir's 0700
+    m = tmp_path / "m"
+    m.mkdir()
+    os.chmod(m, 0o750)
+    assert convert("import", "--hf-dir", out, "--megatron-dir", m, "--overwrite") == 0
+    assert os.stat(m).st_mode & 0o7777 == 0o750 and "rlfp16.json" in listing(m)

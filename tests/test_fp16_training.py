@@ -36,7 +36,7 @@ def _hf_config() -> dict:
     return tiny_config("llama").to_dict()
 
 
-def _build(precision, *, tp=1, pp=1):
+def _build(precision, *, tp=1, pp=1, distributed=True):
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -53,11 +53,11 @@ def _build(precision, *, tp=1, pp=1):
     head = precision.prepare_model(model)
     ddp = DistributedDataParallel(
         model.config,
-        DistributedDataParallelConfig(**precision.ddp_kwargs(), use_distributed_optimizer=True),
+        DistributedDataParallelConfig(**precision.ddp_kwargs(), use_distributed_optimizer=distributed),
         model,
     )
     model.config.finalize_model_grads_func = finalize_model_grads
-    optimizer = precision.build_optimizer([ddp], lr=LR, weight_decay=0.0, use_distributed_optimizer=True)
+    optimizer = precision.build_optimizer([ddp], lr=LR, weight_decay=0.0, use_distributed_optimizer=distributed)
     return ddp, optimizer, OptimizerStep(optimizer, precision, model=[ddp]), head
 
 
@@ -254,6 +254,46 @@ PP2_KWARGS = dict(initial_loss_scale=256.0, loss_scale_window=3, hysteresis=1, g
                   backoff_factor=0.25)
 
 
+CLIP = 0.05  # far below the tiny model's gradient norm: the clip is active
+
+
+def _set_weights(ddp) -> None:
+    """The same starting point in every precision: seeded values rounded to FP16 first."""
+    from megatron.core import parallel_state as ps
+
+    with torch.no_grad():
+        for i, (name, p) in enumerate(ddp.module.named_parameters()):
+            g = torch.Generator().manual_seed(1000 * i + ps.get_tensor_model_parallel_rank())
+            value = (0.02 * torch.randn(p.shape, generator=g)).half()
+            p.copy_(value.float() + (1.0 if "norm" in name else 0.0))
+
+
+def _scale_run():
+    """One clipped step from the same weights with initial loss scales 2^8 and 2^14 (FP16) and in
+    FP32 (no scaling): the grad norm and the weights after the step."""
+    from megatron_rlfp16.precision import PrecisionConfig
+
+    out = {}
+    for label, kwargs in (("fp16_2^8", dict(trainer="fp16", initial_loss_scale=2.0**8, grad_clip=CLIP)),
+                          ("fp16_2^14", dict(trainer="fp16", initial_loss_scale=2.0**14, grad_clip=CLIP)),
+                          ("fp32", dict(trainer="fp32", grad_clip=CLIP))):
+        precision = PrecisionConfig(**kwargs)
+        ddp, optimizer, stepper, _ = _build(precision, tp=2, distributed=False)
+        # Plain SGD (Adam's update would hide the gradient's magnitude; Megatron's distributed
+        # optimizer is Adam only) with the clip.
+        optimizer = precision.build_optimizer([ddp], lr=1.0, weight_decay=0.0, use_distributed_optimizer=False,
+                                              optimizer="sgd", sgd_momentum=0.0)
+        from megatron_rlfp16.precision import OptimizerStep
+
+        stepper = OptimizerStep(optimizer, precision, model=[ddp])
+        _set_weights(ddp)
+        optimizer.reload_model_params()  # the FP32 master copies take the new weights
+        start = {n: p.float() for n, p in _params(ddp).items()}
+        _, metrics = _train_step(ddp, optimizer, stepper)
+        out[label] = dict(metrics=metrics, start=start, params={n: p.float() for n, p in _params(ddp).items()})
+    return out
+
+
 def _all_runs(ckpt_dir):
     """Every layout on one set of 2 ranks (init_runtime rebuilds Megatron's groups between them):
     spawning and importing Megatron once instead of three times."""
@@ -261,6 +301,7 @@ def _all_runs(ckpt_dir):
         tp2=_overflow_run(2, 1, TP2_KWARGS, TP2_SPIKES, len(TP2_SCALES)),
         pp2=_overflow_run(1, 2, PP2_KWARGS, PP2_SPIKES, len(PP2_SCALES)),
         dp2=_dp2_run(ckpt_dir),
+        scales=_scale_run(),
     )
 
 
@@ -355,3 +396,22 @@ def test_overflow_at_the_loss_scale_floor_stops_training(dp2_run):
         assert kind == "LossScaleFloorError" and "static loss_scale=4" in message, message
         assert "loss_scale=None" in message, message
         assert out["static_spike"] is not None and "found" in out["static_spike"], out["static_spike"]
+
+
+def test_grad_norm_and_clipped_step_do_not_depend_on_the_loss_scale(runs):
+    for rank, out in enumerate(r["scales"] for r in runs):
+        low, high, ref = out["fp16_2^8"], out["fp16_2^14"], out["fp32"]
+        for run in (low, high):
+            assert run["metrics"]["skipped_steps"] == 0, (rank, run["metrics"])
+        norm = ref["metrics"]["grad_norm"]
+        assert norm > 10 * CLIP  # the clip is active
+        # The norm is measured after unscaling: the same at both scales, and the FP32 model's.
+        assert low["metrics"]["grad_norm"] == pytest.approx(high["metrics"]["grad_norm"], rel=1e-5)
+        assert low["metrics"]["grad_norm"] == pytest.approx(norm, rel=2e-2)
+        for name, w in ref["params"].items():
+            torch.testing.assert_close(low["params"][name], high["params"][name], rtol=0, atol=1e-3, msg=name)
+            # FP16 storage rounds to ~1e-3 of the magnitude (the norms' weights are ~1); an unscaled or
+            # unclipped update would be >= 256 x the clipped one (~1e-4 per weight).
+            torch.testing.assert_close(low["params"][name], w, rtol=0, atol=2e-3, msg=name)
+        moved = max((ref["params"][n] - ref["start"][n]).abs().max().item() for n in ref["params"])
+        assert 1e-5 < moved < 1e-2, moved

@@ -297,7 +297,6 @@ def test_vllm_kwargs_field_by_field(config, dtype, head):
 
 def test_vllm_resolves_the_kwargs_to_the_same_precision(tmp_path):
     """vLLM's own EngineArgs turns the kwargs into the model and lm_head dtypes the trainer uses."""
-    pytest.importorskip("vllm")
     from vllm.engine.arg_utils import EngineArgs
 
     from megatron_rlfp16.testing.tiny import make_tiny_model

@@ -133,3 +133,35 @@ def test_a_resume_with_another_precision_is_refused_unless_allowed(tmp_path):
     assert rows[1]["resumed_with_changed_settings"] == (
         "precision.trainer: fp32 -> bf16; precision.rollout: fp32 -> bf16; "
         "optimizer: state reset (the trainer precision changed)")
+
+
+@pytest.mark.ranks
+def test_sigterm_to_a_tool_ends_every_rank_and_leaves_nothing(tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    from megatron_rlfp16.testing.tiny import make_tiny_model
+
+    hf = make_tiny_model("llama", str(tmp_path / "hf"))
+    out = tmp_path / "m"
+    proc = subprocess.Popen([sys.executable, "tools/convert_checkpoint.py", "import", "--hf-dir", hf,
+                             "--megatron-dir", str(out), "--tp", "2"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    ranks = []
+    while len(ranks) < 2:  # both ranks started (spawned children running this package)
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        ranks = [p for p in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+        time.sleep(0.1)
+    time.sleep(3)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 30
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM: every rank was ended" in err
+    gone, alive = psutil.wait_procs(ranks, timeout=5)
+    assert not alive
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # nothing written, no temporary directory left

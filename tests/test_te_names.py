@@ -66,3 +66,42 @@ def test_te_named_state_dicts_round_trip(tmp_path, family):
         assert torch.equal(out["exported"][name], t), name
     for name, t in out["expected"].items():
         assert torch.equal(out["imported"][name], t), name
+
+
+def keys_job(hf_dir):
+    """Megatron's own checkpoint key of every parameter of a local-spec model: the local spec's
+    ``sharded_state_dict_keys_map`` renames its norms to the TransformerEngine spelling there."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_rlfp16.models import build_model, read_config_json
+    from megatron_rlfp16.runtime import init_runtime
+
+    init_runtime()
+    model, arch = build_model(read_config_json(hf_dir))
+    sharded = model.sharded_state_dict()
+    return {name: sharded[name].key for name, _ in model.named_parameters()
+            if isinstance(sharded.get(name), ShardedTensor)}
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_te_names_agree_with_megatrons_own_key_map(tmp_path, family):
+    import re
+
+    hf = make_tiny_model(family, str(tmp_path / family), seed=7)
+    (keys,) = run_on_ranks(keys_job, 1, hf, timeout=300)
+    has_moe = family == "qwen3_moe"
+    checked = 0
+    for name, key in keys.items():
+        if ".mlp.experts." in name or ".mlp.router." in name:
+            continue  # stacked expert keys are a checkpoint layout, not a module's parameter name
+        ours = re.sub(r"\.layers\.\d+\.", ".layers.", to_te(name, has_moe=has_moe))  # layers are stacked
+        if has_moe and name.endswith("pre_mlp_layernorm.weight"):
+            # The one place the local spec's map and TE's module tree differ: a TE MoE layer keeps
+            # pre_mlp_layernorm as its own module (the router reads its output); the local spec maps
+            # it into linear_fc1 for every layer kind.
+            assert key.endswith("mlp.linear_fc1.layer_norm_weight") and ours.endswith("pre_mlp_layernorm.weight")
+            continue
+        assert ours == key, name
+        checked += 1
+    assert checked >= 8 and any("layer_norm_weight" in k for k in keys.values())

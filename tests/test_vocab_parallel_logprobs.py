@@ -143,6 +143,17 @@ def test_next_token_alignment():
             torch.testing.assert_close(ent[b, t], -(logp[b, t].exp() * logp[b, t]).sum())
 
 
+def test_next_token_alignment_without_entropy():
+    """The branch the trainer's loss takes (no entropy): the same naive loop as above."""
+    full, ids, _, _ = _logits(300, 384, torch.float32, shape=(3, 7))
+    lp = next_token_logprobs(full, ids, vocab_size=300)
+    assert isinstance(lp, torch.Tensor) and lp.shape == (3, 6)
+    logp = torch.log_softmax(full[..., :300], -1)
+    for b in range(3):
+        for t in range(6):
+            torch.testing.assert_close(lp[b, t], logp[b, t, ids[b, t + 1]])
+
+
 def test_bad_arguments_are_named():
     full, target, _, _ = _logits(300, 384, torch.float32)
     with pytest.raises(ValueError, match="temperature"):

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
             run_on_ranks(fn, args.tp * args.pp * args.ep, *paths, timeout=24 * 3600, **kwargs)
     except RankFailure as e:
         print(f"error: {e if args.verbose else e.summary()}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

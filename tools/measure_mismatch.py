@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         table = report.write_report(results, args.out, title=os.path.basename(os.path.abspath(args.hf_dir)))
     except RankFailure as e:
         print(f"error: {e.summary()}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from megatron_rlfp16.checkpoint.hf_io import (
     AtomicDir, CheckpointError, SafetensorsReader, copy_side_files, write_safetensors_shards,
 )
 from megatron_rlfp16.checkpoint.megatron_ckpt import (
-    checkpoint_dtype, load_megatron_checkpoint, read_meta, save_megatron_checkpoint,
+    check_shard_files, checkpoint_dtype, load_megatron_checkpoint, read_meta, save_megatron_checkpoint,
 )
 from megatron_rlfp16.models.hf_config import check_layout, parse_hf_config, read_config_json
 from megatron_rlfp16.precision.dtypes import Precision, config_precision, dtype_name
@@ -66,6 +66,7 @@ def validate_export(megatron_dir: str, hf_dir: str, *, overwrite: bool):
     if os.path.exists(hf_dir) and not overwrite:
         raise FileExistsError(f"--hf-dir {hf_dir!r} already exists; pass --overwrite to replace it")
     parse_hf_config(meta["hf_config"])
+    check_shard_files(megatron_dir)
     return meta
 
 

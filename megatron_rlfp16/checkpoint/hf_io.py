@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
@@ -26,6 +25,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint on disk that cannot be read: names the file and what is wrong."""
 
 
+def read_json(path: str, *, expect: type = dict):
+    """A JSON file of a checkpoint, with errors that name the file (a half-copied or hand-edited
+    index or metadata file otherwise surfaces as a bare ``JSONDecodeError``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                              "the file is damaged or was not copied completely") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason}); the file is damaged") from None
+    if not isinstance(value, expect):
+        raise CheckpointError(f"{path}: expected a JSON {expect.__name__}, got {type(value).__name__}")
+    return value
+
+
 class SafetensorsReader:
     """Reads named tensors from an HF directory (single file or sharded with an index)."""
 
@@ -38,8 +53,9 @@ class SafetensorsReader:
         index_path = os.path.join(hf_dir, INDEX_NAME)
         self._where: Dict[str, str] = {}
         if os.path.isfile(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map", {})
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: no 'weight_map' object naming the tensors' files")
             for name, file in weight_map.items():
                 self._where[name] = os.path.join(hf_dir, file)
             for path in sorted(set(self._where.values())):
@@ -81,7 +97,12 @@ class SafetensorsReader:
 
 class AtomicDir:
     """``with AtomicDir(out, overwrite) as tmp:`` writes into ``tmp``; on success ``tmp`` replaces
-    ``out``; on any error ``tmp`` is removed and ``out`` is left as it was."""
+    ``out``; on any error ``tmp`` is removed and ``out`` is left as it was.
+
+    ``tmp`` is the hidden sibling ``.<name>.tmp-<pid>``. A write killed outright (SIGKILL) cannot
+    remove it, so every start first removes the siblings of that pattern whose process is gone
+    (only those: a concurrent live write is left alone). The result gets the mode ``out`` had, or
+    the one a new directory gets under the umask (never the 0700 of a private temp directory)."""
 
     def __init__(self, target: str, overwrite: bool = False):
         self.target = os.path.abspath(target)
@@ -93,7 +114,12 @@ class AtomicDir:
             raise FileExistsError(f"{self.target!r} already exists; pass --overwrite to replace it")
         parent = os.path.dirname(self.target)
         os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.tmp-", dir=parent)
+        remove_stale_temps(self.target)
+        self.tmp = _temp_name(self.target, os.getpid())
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp)
+        if os.path.isdir(self.target):
+            os.chmod(self.tmp, os.stat(self.target).st_mode & 0o7777)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -108,6 +134,38 @@ class AtomicDir:
         else:
             os.rename(self.tmp, self.target)
         return False
+
+
+def _temp_name(target: str, pid: int) -> str:
+    parent, base = os.path.split(target)
+    return os.path.join(parent, f".{base}.tmp-{pid}")
+
+
+def remove_stale_temps(target: str) -> List[str]:
+    """Removes ``.<name>.tmp-<pid>`` (and its ``.old``) beside ``target`` whose process is gone;
+    returns what it removed."""
+    parent, base = os.path.split(os.path.abspath(target))
+    prefix = f".{base}.tmp-"
+    removed = []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        pid = name[len(prefix):].removesuffix(".old")
+        if not name.startswith(prefix) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        removed.append(os.path.join(parent, name))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, from an earlier write in this process that was interrupted
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def write_safetensors_shards(

@@ -15,7 +15,8 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_rlfp16.checkpoint.hf_io import copy_side_files
+from megatron_rlfp16.checkpoint.hf_io import CheckpointError, copy_side_files, read_json
+from megatron_rlfp16.runtime.faults import pause_point
 
 META_NAME = "rlfp16.json"
 FORMAT_VERSION = 1
@@ -47,8 +48,7 @@ def read_meta(ckpt_dir: str) -> Dict[str, Any]:
             f"{ckpt_dir!r} has no {META_NAME}: not a checkpoint written by megatron-rlfp16 "
             "(tools/convert_checkpoint.py import makes one)"
         )
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_json(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version={meta.get('format_version')!r}; supported: {FORMAT_VERSION}")
     return meta
@@ -63,11 +63,13 @@ def save_megatron_checkpoint(
     overwrite: bool = False,
     copy_files_from: Optional[str] = None,
     extra_files: Optional[Dict[str, str]] = None,
+    keep_previous_as: Optional[str] = None,
 ) -> None:
     """Collective: saves ``model`` (plus ``extra_state``, a sharded-state-dict fragment such as the
     optimizer's) to ``ckpt_dir`` atomically. Tokenizer/generation files found in ``copy_files_from``
     are kept with it so that a later export can hand them on. ``extra_files`` (name -> text, written
-    by rank 0) go into the same atomic rename, e.g. a trainer's step and data position."""
+    by rank 0) go into the same atomic rename, e.g. a trainer's step and data position.
+    ``keep_previous_as`` (a path) keeps the checkpoint being replaced there instead of deleting it."""
     from megatron.core import dist_checkpointing
 
     from megatron_rlfp16.bridge.context import unwrap
@@ -85,6 +87,8 @@ def save_megatron_checkpoint(
             recover_checkpoint(target)  # a previous save killed mid-swap, or its leftovers
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
+            if os.path.isdir(target):  # --overwrite keeps the directory's mode
+                os.chmod(tmp, os.stat(target).st_mode & 0o7777)
         _barrier()
         bare = unwrap(model)
         sharded = {"model": bare.sharded_state_dict()}
@@ -104,7 +108,8 @@ def save_megatron_checkpoint(
             for name, text in (extra_files or {}).items():
                 with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                     f.write(text)
-            _swap_in(tmp, target)
+            pause_point("checkpoint-written")
+            _swap_in(tmp, target, keep_previous_as=keep_previous_as)
         _barrier()
     except BaseException:
         if _is_rank0():
@@ -112,15 +117,21 @@ def save_megatron_checkpoint(
         raise
 
 
-def _swap_in(tmp: str, target: str) -> None:
+def _swap_in(tmp: str, target: str, *, keep_previous_as: Optional[str] = None) -> None:
     """Puts the complete checkpoint ``tmp`` at ``target`` with renames only, so that at every
     instant a complete checkpoint exists: ``target`` (the old one), then ``target.old-PID`` (the old
-    one, moved aside), then ``target`` (the new one). The old one is deleted last."""
+    one, moved aside), then ``target`` (the new one). The old one is deleted last (or renamed to
+    ``keep_previous_as``)."""
     old = f"{target}.old-{os.getpid()}"
     if os.path.exists(target):
         os.rename(target, old)
+        pause_point("checkpoint-swapping")
     os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    if keep_previous_as and os.path.exists(old):
+        shutil.rmtree(keep_previous_as, ignore_errors=True)
+        os.rename(old, keep_previous_as)
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _siblings(target: str, marker: str):
@@ -163,17 +174,48 @@ def load_megatron_checkpoint(model, ckpt_dir: str, *, extra_state: Optional[Dict
     from megatron_rlfp16.bridge.context import unwrap
 
     read_meta(ckpt_dir)
+    check_shard_files(ckpt_dir)
     bare = unwrap(model)
     sharded = {"model": bare.sharded_state_dict()}
     if extra_state:
         sharded.update(extra_state)
-    loaded = dist_checkpointing.load(sharded, ckpt_dir)
+    try:
+        loaded = dist_checkpointing.load(sharded, ckpt_dir)
+    except Exception as e:  # torch.distributed.checkpoint raises many types for damaged files
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint cannot be loaded ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r})") from e
     missing, unexpected = bare.load_state_dict(loaded.pop("model"), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"{ckpt_dir}: checkpoint does not match the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
     return loaded
+
+
+def check_shard_files(ckpt_dir: str) -> None:
+    """Every data file the checkpoint's ``.metadata`` refers to is there and long enough, or an
+    error naming the first that is not (a truncated ``.distcp`` otherwise fails deep inside the
+    load with a bare ``EOFError``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(ckpt_dir).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir}: no .metadata file: not a complete distributed checkpoint") from None
+    except Exception as e:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, '.metadata')}: cannot be read ({type(e).__name__}: {e}); "
+                              "the file is damaged or was not copied completely") from None
+    needed: Dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: missing (the checkpoint's .metadata refers to it)")
+        if os.path.getsize(path) < size:
+            raise CheckpointError(f"{path}: truncated ({os.path.getsize(path)} bytes, the checkpoint's .metadata "
+                                  f"needs {size}); the file was not written or copied completely")
 
 
 def checkpoint_dtype(meta: Dict[str, Any]) -> torch.dtype:

@@ -12,6 +12,7 @@ seed and the epoch number, never on how many items were drawn before.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Generic, Iterator, Sequence, TypeVar
@@ -19,6 +20,9 @@ from typing import Generic, Iterator, Sequence, TypeVar
 from megatron_rlfp16.rewards.base import Example
 
 T = TypeVar("T")
+
+BAD_LINE_POLICIES = ("error", "skip")
+"""What a reader does with a line it cannot use: raise naming file and line, or leave it out."""
 
 
 @dataclass
@@ -29,6 +33,14 @@ class JsonlDataset:
     examples: list[Example] = field(default_factory=list)
     num_blank: int = 0
     """Blank (or whitespace-only) lines that were skipped."""
+    lines: list[int] = field(default_factory=list)
+    """The line number of each example."""
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    """``(line, reason)`` of each line left out under ``on_bad="skip"``."""
+
+    def where(self, i: int) -> str:
+        """``file:line`` of example ``i``."""
+        return f"{self.path}:{self.lines[i]}" if i < len(self.lines) else f"{self.path} (example {i})"
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -44,22 +56,40 @@ class JsonlReader:
     Bad input raises ValueError naming the file and line number.
     """
 
-    def __init__(self, path: str, *, prompt_field: str = "prompt", answer_field: str = "answer"):
+    def __init__(self, path: str, *, prompt_field: str = "prompt", answer_field: str = "answer",
+                 on_bad: str = "error"):
+        if on_bad not in BAD_LINE_POLICIES:
+            raise ValueError(f"on_bad={on_bad!r}; valid: {list(BAD_LINE_POLICIES)}")
         self.path = path
         self.prompt_field = prompt_field
         self.answer_field = answer_field
+        self.on_bad = on_bad
         self.num_blank = 0
         """Blank (or whitespace-only) lines skipped so far."""
+        self.skipped: list[tuple[int, str]] = []
+        """``(line, reason)`` of each bad line left out (``on_bad="skip"``)."""
+        self.lineno = 0
+        """The line of the example last yielded."""
 
     def __iter__(self) -> Iterator[Example]:
-        self.num_blank = 0
+        self.num_blank, self.skipped = 0, []
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"--data {self.path!r} is not a file")
         # utf-8-sig: a byte-order mark (what some editors and Windows tools write) is not part of line 1.
         with open(self.path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     self.num_blank += 1
                     continue
-                yield self._example(line, f"{self.path}:{lineno}")
+                try:
+                    example = self._example(line, f"{self.path}:{lineno}")
+                except ValueError as err:
+                    if self.on_bad == "error":
+                        raise
+                    self.skipped.append((lineno, str(err).split(": ", 1)[-1]))
+                    continue
+                self.lineno = lineno
+                yield example
 
     def _example(self, line: str, where: str) -> Example:
         try:
@@ -82,6 +112,8 @@ class JsonlReader:
         if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
             raise ValueError(f"{where}: field {self.answer_field!r} must be a string or a number, got "
                              f"{type(answer).__name__}")
+        if not prompt.strip():
+            raise ValueError(f"{where}: field {self.prompt_field!r} is empty")
         meta = {k: v for k, v in record.items() if k not in (self.prompt_field, self.answer_field)}
         meta["answer"] = str(answer)
         return Example(prompt, str(answer), meta)
@@ -105,13 +137,34 @@ class JsonlReader:
         return Example(users[-1] if users else messages[-1]["content"], str(answer), meta)
 
 
-def load_jsonl(path: str, *, prompt_field: str = "prompt", answer_field: str = "answer") -> JsonlDataset:
-    """Reads the whole file (line by line) into a ``JsonlDataset``; a file without records is an error."""
-    reader = JsonlReader(path, prompt_field=prompt_field, answer_field=answer_field)
-    examples = list(reader)
+def load_jsonl(path: str, *, prompt_field: str = "prompt", answer_field: str = "answer",
+               on_bad: str = "error") -> JsonlDataset:
+    """Reads the whole file (line by line) into a ``JsonlDataset``; a file without usable records is
+    an error. ``on_bad`` is the policy for a line that cannot be used (invalid JSON, a missing, mistyped
+    or empty field): ``"error"`` raises naming the file and line, ``"skip"`` leaves it out and lists it
+    in ``JsonlDataset.skipped``."""
+    reader = JsonlReader(path, prompt_field=prompt_field, answer_field=answer_field, on_bad=on_bad)
+    examples, lines = [], []
+    for example in reader:
+        examples.append(example)
+        lines.append(reader.lineno)
     if not examples:
-        raise ValueError(f"{path}: no records (only {reader.num_blank} blank lines)")
-    return JsonlDataset(path=path, examples=examples, num_blank=reader.num_blank)
+        raise ValueError(f"{path}: no usable records ({reader.num_blank} blank lines, "
+                         f"{len(reader.skipped)} left out{_first_reasons(reader.skipped)})")
+    return JsonlDataset(path=path, examples=examples, num_blank=reader.num_blank, lines=lines,
+                        skipped=reader.skipped)
+
+
+def _first_reasons(skipped, limit: int = 3) -> str:
+    if not skipped:
+        return ""
+    return ": " + "; ".join(f"line {line}: {reason}" for line, reason in skipped[:limit]) + (
+        "; ..." if len(skipped) > limit else "")
+
+
+def describe_skipped(path: str, skipped, limit: int = 5) -> str:
+    """One line for the log: how many lines of ``path`` were left out, and the first few."""
+    return f"{path}: {len(skipped)} line(s) left out (--on-bad-prompt skip){_first_reasons(skipped, limit)}"
 
 
 class ShuffledIterator(Generic[T]):

@@ -6,12 +6,18 @@ Each rank gets the usual torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL
 ``MASTER_ADDR``, ``MASTER_PORT`` on a free port), so the function under test initializes exactly as it
 would under ``torchrun``. A rank that raises sends its traceback back, and the caller's exception
 shows it; a run that exceeds ``timeout`` kills every rank.
+
+SIGTERM or SIGINT to the launching process is forwarded to every rank (which raises ``SystemExit``
+there, so that ``finally`` blocks remove temporary output); ranks still running 30 s later are
+killed, and the launcher raises :class:`Stopped` (exit code 128 + signal).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import queue
+import signal
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -35,7 +41,37 @@ class RankFailure(RuntimeError):
         return str(self)
 
 
+class Stopped(RankFailure):
+    """The launcher got SIGTERM/SIGINT and ended its ranks; ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, signum: int, failures: dict | None = None):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}: every rank was ended", failures)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def summary(self) -> str:
+        return str(self)
+
+
+GRACE_S = 30.0
+"""How long ranks have to exit after the launcher forwarded a signal, before they are killed."""
+
+
+def _exit_on_signal(signum, frame):
+    for s in _FORWARDED:  # one exit: a repeated signal must not interrupt the cleanup it starts
+        signal.signal(s, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+_FORWARDED = (signal.SIGTERM, signal.SIGINT)
+
+
 def _entry(fn, rank, world_size, port, env, args, kwargs, results):
+    for s in _FORWARDED:
+        signal.signal(s, _exit_on_signal)
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -80,10 +116,28 @@ def run_on_ranks(
     outputs: dict[int, Any] = {}
     failures: dict[int, str] = {}
     deadline = time.monotonic() + timeout
+    received: list = []
+
+    def forward(signum, frame):
+        if not received:
+            received.extend((signum, time.monotonic() + GRACE_S))
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in _FORWARDED}
     try:
         while len(outputs) + len(failures) < world_size:
+            if received:
+                deadline = min(deadline, received[1])
+                if not any(p.is_alive() for p in procs):
+                    raise Stopped(received[0], failures)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if received:
+                    raise Stopped(received[0], failures)
                 raise RankFailure(
                     f"ranks {sorted(set(range(world_size)) - set(outputs) - set(failures))} did not "
                     f"finish within {timeout:.0f} s" + _describe(failures), failures
@@ -103,15 +157,20 @@ def run_on_ranks(
                             failures[rank] = payload
                     for r in dead:
                         failures.setdefault(r, f"process exited with code {procs[r].exitcode}")
-                    if failures:
+                    if failures and not received:
                         raise RankFailure(_describe(failures), failures)
                 continue
             if ok:
                 outputs[rank] = _from_bytes(payload)
             else:
                 failures[rank] = payload
-                raise RankFailure(_describe(failures), failures)
+                if not received:
+                    raise RankFailure(_describe(failures), failures)
+        if received:
+            raise Stopped(received[0], failures)
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         for p in procs:
             p.join(timeout=5 if not failures else 1)
         for p in procs:

@@ -64,6 +64,10 @@ class RunConfig:
     save_every: Optional[int] = None
     """Save a checkpoint every N steps (``--save-every``); 0: only at the end; None: every
     ``max(1, steps // 10)`` steps, so a killed run loses at most a tenth of its work."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept (``--keep-checkpoints K``): the latest is ``out/checkpoint``, resumed from;
+    with K > 1 the K - 1 before it stay as ``out/checkpoint.step-<N>`` (rename one to
+    ``checkpoint`` to resume from it)."""
     sync_bucket_mb: int = 256
     """Bucket size of the weight export into the rollout engine (bounds its extra memory)."""
     log_samples: int = 0
@@ -79,7 +83,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         positive = ("steps", "prompts_per_step", "max_new_tokens", "updates_per_step",
-                    "micro_batch_size", "sync_bucket_mb", "samples_per_log")
+                    "micro_batch_size", "sync_bucket_mb", "samples_per_log", "keep_checkpoints")
         for name in positive:
             value = getattr(self, name)
             if not _int_at_least(value, 1):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -19,11 +21,15 @@ import torch.distributed as dist
 
 from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
 from megatron_rlfp16.rollout.batch import apply_stop_strings
+from megatron_rlfp16.runtime.faults import pause_point
+from megatron_rlfp16.runtime.stop import RunStopped, StopRequest
 from megatron_rlfp16.trainer.config import TrainerConfig
 from megatron_rlfp16.trainer.metrics import MetricsLogger
 from megatron_rlfp16.trainer.sources import PromptSource
 
 RL_STATE = "rl_state.json"
+MAX_PROMPT_DRAWS = 8
+"""Draws from the source to fill a step's prompts when some do not fit the engine."""
 
 
 class Trainer:
@@ -41,6 +47,7 @@ class Trainer:
         self.source = source
         self.arch = self.plan.arch
         self.hf_config = dict(self.plan.hf_config)
+        self._check_prompts()
         objects = build_run(self.plan, seed=config.run.seed, model=model)
         self.model, self.optimizer, self.stepper, self.engine = (
             objects.model, objects.optimizer, objects.stepper, objects.engine)
@@ -52,6 +59,8 @@ class Trainer:
             self._recover_checkpoint()
             if os.path.isdir(self.ckpt_dir):
                 self._load()
+                if self.rank == 0:
+                    print(f"[rlfp16] resumed from {self.ckpt_dir} at step {self.step}", file=sys.stderr, flush=True)
         self.sync_weights()  # the engine starts from the trainer's weights, whatever their origin
         self.logger = MetricsLogger(config.out_dir, total_steps=config.run.steps, resume_step=self.step,
                                     tensorboard=config.tensorboard, progress=config.progress,
@@ -60,8 +69,9 @@ class Trainer:
     # ---- one step: the data path, one stage call each ----------------------------------------
     def train_step(self) -> Dict[str, float]:
         timer = _PhaseTimer()
-        examples, batch = self.rollout()
+        examples, batch, left_out = self.rollout()
         timer.mark("rollout")
+        pause_point("rollout-done")
         rewards, advantages = self.score(examples, batch)
         self.log_samples(examples, batch, rewards)
         timer.mark("reward")
@@ -77,7 +87,7 @@ class Trainer:
             reward=float(rewards.mean()) if len(rewards) else 0.0,
             reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
             response_length=float(tensors["mask"].sum(-1).mean()),
-            prompts_skipped=float(len(batch.skipped)),
+            prompts_skipped=float(len(batch.skipped) + left_out),
             prompts_used=float(len(examples) - len(batch.skipped)),
             truncated_frac=float(sum(not f for f in batch.finished) / max(1, len(batch))),
             loss_scale=self.stepper.loss_scale,
@@ -87,11 +97,47 @@ class Trainer:
         return metrics
 
     # ---- the stages -------------------------------------------------------------------------
+    def _check_prompts(self) -> None:
+        """The source's whole dataset against the engine's prompt limit, before anything is built
+        (sources without ``check_prompts`` are checked prompt by prompt in :meth:`step_prompts`)."""
+        check = getattr(self.source, "check_prompts", None)
+        if check is None:
+            return
+        usable = check(self.plan.rollout.max_model_len - 1)
+        skipped = getattr(self.source, "skipped", [])
+        if skipped and os.environ.get("RANK", "0") == "0":
+            shown = "; ".join(f"{where}: {why}" for where, why in skipped[:5])
+            print(f"[rlfp16] {usable} usable prompts, {len(skipped)} left out (--on-bad-prompt skip): {shown}"
+                  + ("; ..." if len(skipped) > 5 else ""), file=sys.stderr, flush=True)
+
+    def step_prompts(self):
+        """``(examples, token ids, left out)``: this step's prompts, each within the engine's limit
+        (``0 < tokens < max_model_len``). A prompt that is not is left out and another drawn in its
+        place, so the batch arithmetic holds whatever the data; a source that cannot fill the batch
+        in a few draws is an error naming the prompts."""
+        want, limit = self.config.run.prompts_per_step, self.plan.rollout.max_model_len
+        examples, prompts, bad = [], [], []
+        for _ in range(MAX_PROMPT_DRAWS):
+            if len(examples) == want:
+                break
+            for e in self.source.prompts(self.step, want - len(examples)):
+                ids = self.source.encode_prompt(e)
+                if 0 < len(ids) < limit:
+                    examples.append(e)
+                    prompts.append(ids)
+                else:
+                    bad.append((e.prompt[:60], len(ids)))
+        if len(examples) < want:
+            raise ValueError(f"step {self.step + 1}: only {len(examples)} of {want} prompts fit the engine "
+                             f"(1 to {limit - 1} tokens) after {MAX_PROMPT_DRAWS} draws; left out, e.g. "
+                             f"{bad[:3]} (text, tokens)")
+        return examples, prompts, len(bad)
+
     def rollout(self):
-        """This step's prompts and the engine's samples (every rank gets the whole batch)."""
+        """This step's prompts, the engine's samples (every rank gets the whole batch) and the number
+        of prompts left out for not fitting the engine."""
         plan, run = self.plan, self.config.run
-        examples = self.source.prompts(self.step, run.prompts_per_step)
-        prompts = [self.source.encode_prompt(e) for e in examples]
+        examples, prompts, left_out = self.step_prompts()
         stop_ids = list(getattr(self.source, "stop_ids", None) or [self.source.eos_id])
         batch = self.engine.generate_sharded(
             prompts, n=plan.group_size, temperature=plan.temperature, max_tokens=run.max_new_tokens,
@@ -102,7 +148,7 @@ class Trainer:
         # GPU: the engine's weights and KV cache make room for training; the sync wakes the weights
         # and the next rollout the KV cache (no-op on CPU).
         self.engine.sleep()
-        return examples, batch
+        return examples, batch, left_out
 
     def score(self, examples, batch):
         """Rewards through the source's batched interface, then group advantages."""
@@ -189,20 +235,32 @@ class Trainer:
 
     # ---- the run ----------------------------------------------------------------------------
     def fit(self, *, stop_after: Optional[int] = None) -> List[Dict[str, float]]:
-        """Runs until ``config.run.steps`` (or ``stop_after`` more steps); returns this call's metrics."""
+        """Runs until ``config.run.steps`` (or ``stop_after`` more steps); returns this call's metrics.
+
+        Checkpoints every ``run.checkpoint_interval`` steps and at the end. On SIGTERM/SIGINT (to
+        any rank) every rank finishes the current step, saves it and raises
+        :class:`~megatron_rlfp16.runtime.stop.RunStopped` (see ``runtime/stop.py``)."""
         run = self.config.run
         history = []
         target = run.steps if stop_after is None else min(run.steps, self.step + stop_after)
-        while self.step < target:
-            metrics = self.train_step()
-            if self._changes:  # the boundary of a deliberate ablation, in the record
-                metrics["resumed_with_changed_settings"] = "; ".join(f"{k}: {v}" for k, v in self._changes.items())
-                self._changes = {}
-            history.append(metrics)
-            self.logger.log(self.step, metrics)
-            every = run.checkpoint_interval
-            if every and self.step % every == 0 and self.step < run.steps:
-                self.save()
+        with StopRequest() as stop:
+            while self.step < target:
+                metrics = self.train_step()
+                if self._changes:  # the boundary of a deliberate ablation, in the record
+                    metrics["resumed_with_changed_settings"] = "; ".join(
+                        f"{k}: {v}" for k, v in self._changes.items())
+                    self._changes = {}
+                history.append(metrics)
+                self.logger.log(self.step, metrics)
+                every = run.checkpoint_interval
+                saved = bool(every) and self.step % every == 0 and self.step < run.steps
+                if saved:
+                    self.save()
+                signum = stop.agreed() if self.step < target else 0
+                if signum:
+                    if not saved:
+                        self.save()
+                    raise RunStopped(signum, self.step)
         if self.step >= run.steps:
             self.save()
         return history
@@ -214,15 +272,32 @@ class Trainer:
         state = dict(step=self.step, source=self.source.state_dict(), settings=resume_settings(self.plan),
                      plan=self.plan.describe(), python_rng=random.getstate(),
                      torch_rng=torch.get_rng_state().tolist())
+        keep = self.config.run.keep_checkpoints
+        previous = self._previous_checkpoint_name() if keep > 1 and self.rank == 0 else None
         save_megatron_checkpoint(self.model, self.ckpt_dir, hf_config=self.hf_config, overwrite=True,
                                  extra_state=self.stepper.checkpoint_state(self.model),
-                                 extra_files={RL_STATE: json.dumps(state, default=_jsonable)})
+                                 extra_files={RL_STATE: json.dumps(state, default=_jsonable)},
+                                 keep_previous_as=previous)
+        if self.rank == 0:
+            for stale in kept_checkpoints(self.ckpt_dir)[:-(keep - 1) or None]:
+                shutil.rmtree(stale, ignore_errors=True)
+        pause_point("checkpoint-saved")
+
+    def _previous_checkpoint_name(self) -> Optional[str]:
+        """Where the checkpoint about to be replaced is kept: ``checkpoint.step-<N>``."""
+        try:
+            with open(os.path.join(self.ckpt_dir, RL_STATE), encoding="utf-8") as f:
+                step = int(json.load(f)["step"])
+        except (OSError, ValueError, KeyError):
+            return None  # nothing complete to keep
+        return f"{self.ckpt_dir}.step-{step:08d}"
 
     def _load(self) -> None:
         from megatron_rlfp16.checkpoint import load_megatron_checkpoint
 
-        with open(os.path.join(self.ckpt_dir, RL_STATE), encoding="utf-8") as f:
-            state = json.load(f)
+        from megatron_rlfp16.checkpoint.hf_io import read_json
+
+        state = read_json(os.path.join(self.ckpt_dir, RL_STATE))
         changes = changed_settings(state.get("settings", {}), resume_settings(self.plan))
         if changes and not self.config.allow_changed_settings:
             listed = "; ".join(f"{k}: checkpoint {old!r}, this run {new!r}" for k, (old, new) in changes.items())
@@ -258,6 +333,14 @@ class Trainer:
     def close(self) -> None:
         self.logger.close()
         self.engine.close()
+
+
+def kept_checkpoints(ckpt_dir: str) -> List[str]:
+    """The older checkpoints kept beside ``ckpt_dir`` (``--keep-checkpoints``), oldest first."""
+    parent, base = os.path.split(os.path.abspath(ckpt_dir))
+    prefix = base + ".step-"
+    names = [n for n in os.listdir(parent) if n.startswith(prefix) and n[len(prefix):].isdigit()]
+    return [os.path.join(parent, n) for n in sorted(names)]
 
 
 def resume_settings(plan) -> Dict[str, object]:

@@ -58,25 +58,76 @@ class JsonlSource:
     """A JSONL dataset of ``{"prompt" | "messages", "answer"}`` with a reward such as "math" and an HF
     tokenizer. Prompts go through ``megatron_rlfp16.prompts`` (the chat template by default);
     generation stops at every end id of the checkpoint (``hf_dir``'s ``generation_config.json``
-    and the tokenizer)."""
+    and the tokenizer).
 
-    def __init__(self, dataset, tokenizer, reward, *, seed: int = 0, prompt_config=None, hf_dir=None):
+    Before the first step the trainer calls :meth:`check_prompts` with the engine's limit: every
+    prompt is tokenized once (and kept), and one that is empty or too long either stops the run
+    naming its file and line (``on_bad="error"``) or is left out and counted (``"skip"``)."""
+
+    def __init__(self, dataset, tokenizer, reward, *, seed: int = 0, prompt_config=None, hf_dir=None,
+                 on_bad: str = "error"):
         from megatron_rlfp16.prompts import PromptBuilder, stop_token_ids
-        from megatron_rlfp16.rewards import ShuffledIterator
+        from megatron_rlfp16.rewards.dataset import BAD_LINE_POLICIES
 
-        self.iterator = ShuffledIterator(dataset, seed=seed)
+        if on_bad not in BAD_LINE_POLICIES:
+            raise ValueError(f"JsonlSource.on_bad={on_bad!r}; valid: {list(BAD_LINE_POLICIES)}")
+        self.dataset = dataset
+        self.seed = seed
+        self.on_bad = on_bad
         self.tokenizer = tokenizer
         self.reward_fn = reward
         self.builder = PromptBuilder(tokenizer, prompt_config)
         self.stop_ids = stop_token_ids(hf_dir, tokenizer)
         self.stop_strings = self.builder.config.stop
         self.eos_id = self.stop_ids[0] if self.stop_ids else tokenizer.eos_token_id
+        self.skipped: List[tuple] = list(getattr(dataset, "skipped", []))
+        """``(where, reason)`` of every example left out, by the reader or by :meth:`check_prompts`."""
+        self._encoded: dict = {}
+        self._use(list(range(len(dataset))))
+
+    def _use(self, indices: List[int]) -> None:
+        from megatron_rlfp16.rewards import ShuffledIterator
+
+        self.indices = indices
+        self.iterator = ShuffledIterator([self.dataset[i] for i in indices], seed=self.seed)
+
+    def _where(self, i: int) -> str:
+        return self.dataset.where(i) if hasattr(self.dataset, "where") else f"example {i}"
+
+    def check_prompts(self, max_tokens: int) -> int:
+        """Tokenizes every prompt; an empty one or one over ``max_tokens`` tokens is an error naming
+        its file and line, or (``on_bad="skip"``) is left out. Returns the number of usable prompts."""
+        keep = []
+        for i in self.indices:
+            example = self.dataset[i]
+            try:
+                ids = self.builder.encode(example.prompt, example.meta.get("messages"))
+            except ValueError as err:
+                problem = str(err)
+            else:
+                self._encoded[id(example)] = ids
+                problem = ("the prompt is empty after tokenization" if not ids else
+                           f"the prompt has {len(ids)} tokens, over the engine's limit of {max_tokens} "
+                           "(the rollout's max_model_len less 1)" if len(ids) > max_tokens else None)
+            if problem is None:
+                keep.append(i)
+            elif self.on_bad == "error":
+                raise ValueError(f"{self._where(i)}: {problem}; fix the line or pass --on-bad-prompt skip")
+            else:
+                self.skipped.append((self._where(i), problem))
+        if not keep:
+            raise ValueError(f"no usable prompt left in the dataset ({len(self.skipped)} left out, e.g. "
+                             f"{self.skipped[0][0]}: {self.skipped[0][1]})")
+        if len(keep) != len(self.indices):
+            self._use(keep)
+        return len(keep)
 
     def prompts(self, step: int, n: int) -> List[Example]:
         return self.iterator.take(n)
 
     def encode_prompt(self, example: Example) -> List[int]:
-        return self.builder.encode(example.prompt, example.meta.get("messages"))
+        ids = self._encoded.get(id(example))
+        return list(ids) if ids is not None else self.builder.encode(example.prompt, example.meta.get("messages"))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

