@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_rlfp16.cli import non_negative_int, positive_float, positive_int, with_flag  # noqa: E402
 from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
 
@@ -29,24 +30,24 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--precision", default=Precision.FP16.value, choices=Precision.names(),
                    help="trainer and rollout precision (the same for both)")
-    p.add_argument("--steps", type=int, default=100, help="GRPO steps")
-    p.add_argument("--warm-start-steps", type=int, default=60, help="supervised steps before RL")
-    p.add_argument("--prompts-per-step", type=int, default=16)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--updates-per-step", type=int, default=2,
+    p.add_argument("--steps", type=positive_int, default=100, help="GRPO steps")
+    p.add_argument("--warm-start-steps", type=non_negative_int, default=60, help="supervised steps before RL")
+    p.add_argument("--prompts-per-step", type=positive_int, default=16)
+    p.add_argument("--group-size", type=positive_int, default=8)
+    p.add_argument("--lr", type=positive_float, default=3e-4)
+    p.add_argument("--updates-per-step", type=positive_int, default=2,
                    help="optimizer steps per rollout (PPO mini-batches; the clip matters from the 2nd on)")
-    p.add_argument("--micro-batch-size", type=int, default=32, help="sequences per forward/backward")
+    p.add_argument("--micro-batch-size", type=positive_int, default=32, help="sequences per forward/backward")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="llama", choices=["llama", "qwen3_moe"],
                    help="the tiny model's family: dense Llama or a 4-expert top-2 Qwen3-MoE")
-    p.add_argument("--tp", type=int, default=2, help="training tensor parallelism")
-    p.add_argument("--ep", type=int, default=1, help="training expert parallelism (MoE)")
-    p.add_argument("--rollout-tp", type=int, default=None,
+    p.add_argument("--tp", type=positive_int, default=2, help="training tensor parallelism")
+    p.add_argument("--ep", type=positive_int, default=1, help="training expert parallelism (MoE)")
+    p.add_argument("--rollout-tp", type=positive_int, default=None,
                    help="rollout engine tensor parallelism (default: --tp); other ranks run replicas")
-    p.add_argument("--save-every", type=int, default=None, metavar="N",
+    p.add_argument("--save-every", type=non_negative_int, default=None, metavar="N",
                    help="checkpoint every N steps (0: only at the end; default: a tenth of --steps)")
-    p.add_argument("--keep-checkpoints", type=int, default=1, metavar="K",
+    p.add_argument("--keep-checkpoints", type=positive_int, default=1, metavar="K",
                    help="checkpoints kept: the latest as out/checkpoint, K-1 older as checkpoint.step-N")
     p.add_argument("--allow-changed-settings", action="store_true",
                    help="resume a checkpoint saved with another precision, model, loss or layout "
@@ -55,41 +56,58 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import torch.distributed as dist
-
+def build_config(args, hf_dir: str):
+    """The run's ``TrainerConfig`` from the flags (nothing built, no torch.distributed)."""
     from megatron_rlfp16.losses import PolicyLossConfig
     from megatron_rlfp16.megatron.args import RLConfig
     from megatron_rlfp16.precision import PrecisionConfig
     from megatron_rlfp16.rollout import RolloutConfig
+    from megatron_rlfp16.runtime import ParallelConfig
+    from megatron_rlfp16.trainer import RunConfig, TrainerConfig
+
+    return TrainerConfig(
+        hf_dir=hf_dir, out_dir=args.out, parallel=ParallelConfig(tp=args.tp, ep=args.ep),
+        rollout=RolloutConfig(tp=args.rollout_tp), resume=not args.no_resume,
+        run=RunConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=6,
+                      micro_batch_size=args.micro_batch_size, updates_per_step=args.updates_per_step, lr=args.lr,
+                      seed=args.seed, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints),
+        rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
+                    group_size=args.group_size),
+        precision=PrecisionConfig(trainer=args.precision), allow_changed_settings=args.allow_changed_settings,
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_rlfp16.plan import resolve_plan
+    from megatron_rlfp16.trainer.embedded import embedded_hf_config, embedded_model_dir
+
+    hf_dir = embedded_model_dir(args.out, args.model)
+    config = build_config(args, hf_dir)
+    try:  # every size against the embedded model and this world, before any rank initializes
+        resolve_plan(config, hf_config=embedded_hf_config(args.model))
+    except ValueError as err:
+        print(f"error: {with_flag(str(err))}", file=sys.stderr)
+        return 2
+
+    import torch.distributed as dist
+
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
     from megatron_rlfp16.runtime.stop import RunStopped
-    from megatron_rlfp16.trainer import RunConfig, TaskSource, Trainer, TrainerConfig, warm_start
+    from megatron_rlfp16.trainer import TaskSource, Trainer, warm_start
     from megatron_rlfp16.trainer.embedded import embedded_setup
     from megatron_rlfp16.trainer.report import write_summary
 
     init_runtime(ParallelConfig(tp=args.tp, ep=args.ep), seed=args.seed)
     rank = dist.get_rank()
-    task, tokenizer, hf_dir = embedded_setup(args.out, seed=args.seed, family=args.model)
+    task, tokenizer, _ = embedded_setup(args.out, seed=args.seed, family=args.model)
 
-    config = TrainerConfig(
-        hf_dir=hf_dir, out_dir=args.out, parallel=ParallelConfig(tp=args.tp, ep=args.ep),
-        rollout=RolloutConfig(tp=args.rollout_tp), resume=not args.no_resume,
-        run=RunConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=6,
-                      micro_batch_size=args.micro_batch_size, updates_per_step=args.updates_per_step, lr=args.lr,
-                      seed=args.seed, save_every=args.save_every,
-                      keep_checkpoints=args.keep_checkpoints),
-        rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
-                    group_size=args.group_size),
-        precision=PrecisionConfig(trainer=args.precision), allow_changed_settings=args.allow_changed_settings,
-    )
     source = TaskSource(task, tokenizer, seed=args.seed)
     start = time.monotonic()
     trainer = Trainer(config, source)
     if trainer.step == 0:
         sft = warm_start(trainer, steps=args.warm_start_steps, batch_size=64, lr=1e-3, seed=args.seed)
-        if rank == 0:
+        if rank == 0 and sft:
             print(f"[demo] warm start: {len(sft)} supervised steps, final loss {sft[-1]['loss']:.3f}, "
                   f"skipped {sft[-1]['skipped_steps']:.0f}, loss scale {sft[-1]['loss_scale']:.0f}",
                   file=sys.stderr, flush=True)

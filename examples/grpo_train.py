@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rlfp16.megatron.args import add_rl_args, rl_config_from_args  # noqa: E402
+from megatron_rlfp16.cli import fraction, non_negative_int, positive_float, positive_int, with_flag  # noqa: E402
 from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
 
@@ -30,25 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-dir", required=True, help="HF model directory (config.json, tokenizer, safetensors)")
     p.add_argument("--data", help="JSONL prompts {\"prompt\", \"answer\"} (required unless --dry-run)")
     p.add_argument("--out", default="runs/grpo", help="output directory (metrics, checkpoints)")
-    p.add_argument("--tp", type=int, default=1, help="Megatron tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="Megatron pipeline-parallel size")
-    p.add_argument("--ep", type=int, default=1, help="Megatron expert-parallel size (MoE models)")
-    p.add_argument("--rollout-tp", type=int, default=None, help="vLLM tensor-parallel size (default: --tp)")
-    p.add_argument("--rollout-gpu-memory-utilization", type=float, default=0.4,
+    p.add_argument("--tp", type=positive_int, default=1, help="Megatron tensor-parallel size")
+    p.add_argument("--pp", type=positive_int, default=1, help="Megatron pipeline-parallel size")
+    p.add_argument("--ep", type=positive_int, default=1, help="Megatron expert-parallel size (MoE models)")
+    p.add_argument("--rollout-tp", type=positive_int, default=None, help="vLLM tensor-parallel size (default: --tp)")
+    p.add_argument("--rollout-gpu-memory-utilization", type=fraction, default=0.4,
                    help="share of GPU memory for vLLM's weights and KV cache (colocated with training)")
     p.add_argument("--rollout-sleep-level", type=int, default=2, choices=[1, 2],
                    help="vLLM sleep level while training: 2 discards its weights (the refit rewrites "
                         "them), 1 keeps a host copy")
     p.add_argument("--precision", default=Precision.FP16.value, choices=Precision.names(),
                    help="trainer and rollout precision (the same for both)")
-    p.add_argument("--steps", type=int, default=100, help="GRPO steps")
-    p.add_argument("--prompts-per-step", type=int, default=64)
+    p.add_argument("--steps", type=positive_int, default=100, help="GRPO steps")
+    p.add_argument("--prompts-per-step", type=positive_int, default=64)
     # An alias of --rl-group-size: SUPPRESS keeps it from overwriting that flag's default.
-    p.add_argument("--group-size", dest="rl_group_size", type=int, default=argparse.SUPPRESS,
+    p.add_argument("--group-size", dest="rl_group_size", type=positive_int, default=argparse.SUPPRESS,
                    help="responses per prompt (alias of --rl-group-size)")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024)
+    p.add_argument("--micro-batch-size", type=positive_int, default=4)
+    p.add_argument("--lr", type=positive_float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-field", default="prompt", help="the JSONL field holding the prompt text")
     p.add_argument("--answer-field", default="answer", help="the JSONL field holding the reference answer")
@@ -64,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encode prompts as plain text even if the tokenizer has a chat template")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="a stop string (repeatable), besides the checkpoint's end token ids")
-    p.add_argument("--log-samples", type=int, default=0, metavar="N",
+    p.add_argument("--log-samples", type=non_negative_int, default=0, metavar="N",
                    help="every N steps write a few (prompt, response, reward) rows to samples.jsonl and "
                         "TensorBoard (0: never)")
-    p.add_argument("--save-every", type=int, default=None, metavar="N",
+    p.add_argument("--save-every", type=non_negative_int, default=None, metavar="N",
                    help="checkpoint every N steps (0: only at the end; default: a tenth of --steps)")
-    p.add_argument("--keep-checkpoints", type=int, default=1, metavar="K",
+    p.add_argument("--keep-checkpoints", type=positive_int, default=1, metavar="K",
                    help="checkpoints kept: the latest as out/checkpoint, K-1 older as checkpoint.step-N")
     p.add_argument("--allow-changed-settings", action="store_true",
                    help="resume a checkpoint saved with another precision, model, loss or layout "
@@ -105,7 +106,7 @@ def build_config(args: argparse.Namespace):
     try:
         return config.validate()
     except ValueError as err:
-        raise ValueError(_with_flag(str(err))) from None
+        raise ValueError(with_flag(str(err))) from None
 
 
 def prompt_config(args: argparse.Namespace):
@@ -117,18 +118,7 @@ def prompt_config(args: argparse.Namespace):
     try:
         return config.validate()
     except ValueError as err:
-        raise ValueError(_with_flag(str(err))) from None
-
-
-def _with_flag(message: str) -> str:
-    """Prefixes a config error with the flag that sets the field it names (the mapping is 1:1)."""
-    import re
-
-    m = re.match(r"(RolloutConfig|RunConfig|TrainerConfig\.parallel|PromptConfig)\.(\w+)=", message)
-    if not m:
-        return message
-    prefix = "--rollout-" if m.group(1) == "RolloutConfig" else "--"
-    return f"{prefix}{m.group(2).replace('_', '-')}: {message}"
+        raise ValueError(with_flag(str(err))) from None
 
 
 def analytic_param_count(arch) -> dict:
@@ -235,13 +225,14 @@ def main(argv=None) -> int:
 
     try:
         # Sizes against the model (config.json) and this world, before the data or any weight is read.
-        resolve_plan(config)
+        plan = resolve_plan(config)
         data = load_jsonl(args.data, prompt_field=args.prompt_field, answer_field=args.answer_field,
                           on_bad=args.on_bad_prompt)
         source = JsonlSource(data, load_tokenizer(args.hf_dir), get_reward("math"), seed=args.seed,
                              hf_dir=args.hf_dir, prompt_config=prompt_config(args), on_bad=args.on_bad_prompt)
+        source.check_prompts(plan.rollout.max_model_len - 1)  # every prompt against the engine's limit
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {_with_flag(str(err))}", file=sys.stderr)
+        print(f"error: {with_flag(str(err))}", file=sys.stderr)
         return 2
     trainer = Trainer(config, source)  # initializes torch.distributed and Megatron's parallel state
     try:

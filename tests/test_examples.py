@@ -85,8 +85,8 @@ def test_bad_rl_flag_names_the_flag(tmp_path):
         grpo_train.build_config(args)
     args = grpo_train.build_parser().parse_args(["--hf-dir", str(tmp_path), "--group-size", "4"])
     assert grpo_train.build_config(args).rl.group_size == 4
-    args = grpo_train.build_parser().parse_args(
-        ["--hf-dir", str(tmp_path), "--rollout-gpu-memory-utilization", "1.5"])
+    args = grpo_train.build_parser().parse_args(["--hf-dir", str(tmp_path)])
+    args.rollout_gpu_memory_utilization = 1.5  # the flag refuses it when parsed; the config too
     with pytest.raises(ValueError, match=r"^--rollout-gpu-memory-utilization: RolloutConfig.gpu_memory_utilization"
                                          r"=1.5: must be in \(0, 1\]"):
         grpo_train.build_config(args)

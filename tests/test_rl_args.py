@@ -126,11 +126,17 @@ def test_invalid_loss_values_name_the_flag(argv, flag, value):
 @pytest.mark.parametrize("argv,flag", [
     (["--rl-temperature", "0"], "--rl-temperature"),
     (["--rl-temperature", "inf"], "--rl-temperature"),
-    (["--rl-group-size", "0"], "--rl-group-size"),
 ])
 def test_invalid_rollout_values_name_the_flag(argv, flag):
     with pytest.raises(ValueError, match=f"^{flag}: .*valid"):
         rl_config_from_args(parse(argv))
+
+
+def test_a_group_size_below_one_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(["--rl-group-size", "0"])
+    assert info.value.code == 2
+    assert "argument --rl-group-size: 0 is invalid; valid: an integer >= 1" in capsys.readouterr().err
 
 
 def test_namespace_without_rl_flags_is_reported():

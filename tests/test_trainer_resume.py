@@ -19,6 +19,7 @@ pytestmark = pytest.mark.vllm
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ("--steps", "6", "--save-every", "2", "--prompts-per-step", "4",
         "--group-size", "4", "--micro-batch-size", "8", "--updates-per-step", "2", "--lr", "5e-4")
+KEEP = ("--keep-checkpoints", "2")
 KEYS = ("reward", "loss", "loss_scale", "skipped_steps", "mismatch/prob_diff_mean", "mismatch/kl_k3",
         "clip_frac", "response_length", "grad_norm")
 
@@ -26,7 +27,7 @@ KEYS = ("reward", "loss", "loss_scale", "skipped_steps", "mismatch/prob_diff_mea
 class Run:
     """One ``torchrun`` launch of the demo, its log in ``out/../<name>.log``."""
 
-    def __init__(self, out, name, pause=None):
+    def __init__(self, out, name, pause=None, extra=()):
         self.log = out.parent / f"{name}.log"
         self.pause_dir = out.parent / f"pause-{name}"
         self.pause_dir.mkdir()
@@ -35,7 +36,7 @@ class Run:
         if pause:
             env.update(RLFP16_PAUSE_AT=pause, RLFP16_PAUSE_DIR=str(self.pause_dir))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "examples/grpo_cpu_demo.py", "--out", str(out), *ARGS]
+               "examples/grpo_cpu_demo.py", "--out", str(out), *ARGS, *extra]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.pids = set()
@@ -86,7 +87,8 @@ def saved_step(path):
 
 
 def leftovers(out):
-    return sorted(n for n in os.listdir(out) if n.startswith("checkpoint."))
+    """What a killed save leaves beside the checkpoint (the kept older checkpoints aside)."""
+    return sorted(n for n in os.listdir(out) if n.startswith(("checkpoint.tmp-", "checkpoint.old-")))
 
 
 def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(tmp_path):
@@ -98,7 +100,7 @@ def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(t
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
 
     # SIGTERM to the launcher: the ranks finish the step, save it and exit non-zero, within 30 s.
-    run = Run(out, "sigterm")
+    run = Run(out, "sigterm", extra=KEEP)
     run.wait_for(lambda: len(metrics(out)) >= 1, "step 1")
     sent = time.monotonic()
     run.proc.send_signal(signal.SIGTERM)
@@ -110,14 +112,14 @@ def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(t
     assert f"stopped by SIGTERM after step {stopped}" in run.text()
 
     # SIGKILL mid-step 4: step 3 is logged but was never saved (the checkpoint is step 2's).
-    run = Run(out, "mid-step", pause=f"rollout-done:{4 - stopped}")
+    run = Run(out, "mid-step", extra=KEEP, pause=f"rollout-done:{4 - stopped}")
     run.wait_paused("rollout-done")
     run.kill_all()
     assert f"resumed from {ckpt} at step {stopped}" in run.text()
     assert saved_step(ckpt) == 2 and max(r["step"] for r in metrics(out)) == 3
 
     # SIGKILL mid-save of step 4: the shards are in the temporary directory, not swapped in.
-    run = Run(out, "mid-save", pause="checkpoint-written")
+    run = Run(out, "mid-save", extra=KEEP, pause="checkpoint-written")
     run.wait_paused("checkpoint-written")
     run.kill_all()
     assert f"resumed from {ckpt} at step 2" in run.text()  # not 3: metrics.jsonl was cut back to 2
@@ -126,7 +128,7 @@ def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(t
     assert len(killed_write) == 1 and killed_write[0].startswith("checkpoint.tmp-"), killed_write
 
     # SIGKILL between the renames: the old checkpoint moved aside, the new one not yet in place.
-    run = Run(out, "mid-swap", pause="checkpoint-swapping")
+    run = Run(out, "mid-swap", extra=KEEP, pause="checkpoint-swapping")
     run.wait_paused("checkpoint-swapping")
     run.kill_all()
     assert f"resumed from {ckpt} at step 2" in run.text()
@@ -136,16 +138,18 @@ def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(t
     assert not set(killed_write) & set(leftovers(out))  # the previous start removed the killed write
 
     # SIGKILL right after the save of step 4.
-    run = Run(out, "after-save", pause="checkpoint-saved")
+    run = Run(out, "after-save", extra=KEEP, pause="checkpoint-saved")
     run.wait_paused("checkpoint-saved")
     run.kill_all()
     assert f"resumed from {ckpt} at step 2" in run.text()
     assert saved_step(ckpt) == 4 and leftovers(out) == []
 
-    run = Run(out, "to-the-end")
+    run = Run(out, "to-the-end", extra=KEEP)
     run.finish()
     assert f"resumed from {ckpt} at step 4" in run.text()
     assert saved_step(ckpt) == 6 and leftovers(out) == []
+    kept = sorted(n for n in os.listdir(out) if n.startswith("checkpoint.step-"))
+    assert kept == ["checkpoint.step-00000004"] and saved_step(out / kept[0]) == 4  # --keep-checkpoints 2
     resumed = {r["step"]: r for r in metrics(out)}
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in resumed:

@@ -17,18 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rlfp16.checkpoint import convert  # noqa: E402
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a parallel size of 0 or below would start no ranks)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; valid: an integer >= 1")
-    return value
+# Only torch-free modules before the arguments are parsed: --help and usage errors answer at once.
+from megatron_rlfp16.cli import positive_float, positive_int  # noqa: E402
+from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,19 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size of the ranks doing the work")
         s.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
         s.add_argument("--ep", type=positive_int, default=1, help="expert-parallel size (MoE models)")
-        s.add_argument("--dtype", choices=sorted(convert.DTYPES), default=None,
+        s.add_argument("--dtype", choices=Precision.long_names(), default=None,
                        help="import: parameter dtype (default: the HF config's); "
                             "export: tensor dtype written (default: the checkpoint's)")
         s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         s.add_argument("--verbose", action="store_true", help="print full tracebacks of failing ranks")
         if name == "export":
-            s.add_argument("--max-shard-size", type=float, default=2.0,
+            s.add_argument("--max-shard-size", type=positive_float, default=2.0,
                            help="largest safetensors file in GiB (default 2)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_rlfp16.checkpoint import convert
     from megatron_rlfp16.runtime.launch import RankFailure, run_on_ranks
 
     try:

@@ -17,7 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rlfp16.diagnostics import mismatch_report as report  # noqa: E402
+# Only torch-free modules before the arguments are parsed: --help and usage errors answer at once.
+from megatron_rlfp16.cli import positive_float, positive_int  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,11 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default="float16,bfloat16,float32",
                    help="comma-separated: float16, bfloat16, float32 (default: all three)")
     p.add_argument("--out", required=True, help="output directory for mismatch.json and the plots")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of trainer and engine")
-    p.add_argument("--num-prompts", type=int, default=16, help="prompts sampled (default 16)")
-    p.add_argument("--prompt-len", type=int, default=16, help="longest random prompt in tokens")
-    p.add_argument("--max-tokens", type=int, default=48, help="tokens sampled per prompt (default 48)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size of trainer and engine")
+    p.add_argument("--num-prompts", type=positive_int, default=16, help="prompts sampled (default 16)")
+    p.add_argument("--prompt-len", type=positive_int, default=16, help="longest random prompt in tokens")
+    p.add_argument("--max-tokens", type=positive_int, default=48, help="tokens sampled per prompt (default 48)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -49,19 +50,15 @@ def check_out_dir(path: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_rlfp16.models import parse_hf_config, read_config_json
+    from megatron_rlfp16.diagnostics import mismatch_report as report
+    from megatron_rlfp16.models import check_layout, parse_hf_config, read_config_json
     from megatron_rlfp16.runtime.launch import RankFailure, run_on_ranks
 
     try:
+        check_out_dir(args.out)  # the target first: before the measurement, not after it
         dtypes = report.parse_dtypes(args.dtypes)
-        parse_hf_config(read_config_json(args.hf_dir))
-        for flag in ("tp", "num_prompts", "max_tokens", "prompt_len"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 1")
-        if not args.temperature > 0:
-            raise ValueError(f"--temperature={args.temperature}: must be > 0 (the trainer scores "
-                             "temperature-scaled log-probs; greedy decoding has none)")
-        check_out_dir(args.out)  # before the measurement, not after it
+        arch = parse_hf_config(read_config_json(args.hf_dir))
+        check_layout(arch, tp=args.tp, pp=1, ep=1)  # before any rank starts
         results = {}
         for dtype in dtypes:
             start = time.monotonic()

@@ -22,7 +22,7 @@ from megatron_rlfp16.checkpoint.megatron_ckpt import (
 from megatron_rlfp16.models.hf_config import check_layout, parse_hf_config, read_config_json
 from megatron_rlfp16.precision.dtypes import Precision, config_precision, dtype_name
 
-DTYPES = tuple(sorted(p.vllm_dtype for p in Precision))
+DTYPES = Precision.long_names()
 """The ``--dtype`` spellings the tool offers (any ``Precision.parse`` spelling is accepted)."""
 
 

@@ -15,6 +15,7 @@ import math
 import re
 from typing import List, Optional, Union
 
+from megatron_rlfp16.cli import positive_int
 from megatron_rlfp16.losses import PolicyLossConfig
 from megatron_rlfp16.losses.registry import (
     ADVANTAGE_ESTIMATORS,
@@ -128,7 +129,7 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rl-entropy-coef", "entropy_coef", "weight of the entropy bonus", type=float)
     add("--rl-advantage-estimator", "advantage_estimator", "group-relative advantage estimator",
         choices=ADVANTAGE_ESTIMATORS.names())
-    add("--rl-group-size", "group_size", "responses sampled per prompt", type=int)
+    add("--rl-group-size", "group_size", "responses sampled per prompt", type=positive_int)
     add("--rl-temperature", "temperature", "sampling temperature; log-probs are scored at the same T",
         type=float)
     return parser

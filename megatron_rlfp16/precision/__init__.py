@@ -13,31 +13,36 @@ checks and FP32 islands.
 
 See docs/fp16.md.
 """
-from megatron_rlfp16.precision.config import (
-    DEFAULT_BACKOFF_FACTOR,
-    DEFAULT_GROWTH_FACTOR,
-    DEFAULT_HYSTERESIS,
-    DEFAULT_INITIAL_LOSS_SCALE,
-    DEFAULT_LOSS_SCALE_WINDOW,
-    DEFAULT_MIN_LOSS_SCALE,
-    PrecisionConfig,
-)
-from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE, Precision, config_precision, dtype_name, parse_dtype
-from megatron_rlfp16.precision.guard import (
-    FP16_MAX,
-    FP16_SMALLEST_NORMAL,
-    FP16HeadroomWarning,
-    ModuleStat,
-    OverflowGuard,
-)
-from megatron_rlfp16.precision.islands import IslandKind, apply_fp32_lm_head, island_kind, promote_to_fp32
-from megatron_rlfp16.precision.scaler import SharedGradScaler, install_grad_scaler
-from megatron_rlfp16.precision.step import (
-    METRIC_NAMES,
-    LossScaleFloorError,
-    NonFiniteGradientError,
-    OptimizerStep,
-)
+import importlib
+
+# Each public name and the submodule that defines it. The submodules are imported on first use
+# (PEP 562), so that ``megatron_rlfp16.precision.dtypes`` (the CLI flags' choices) loads without torch.
+_HOMES = {
+    "config": ("DEFAULT_BACKOFF_FACTOR", "DEFAULT_GROWTH_FACTOR", "DEFAULT_HYSTERESIS",
+               "DEFAULT_INITIAL_LOSS_SCALE", "DEFAULT_LOSS_SCALE_WINDOW", "DEFAULT_MIN_LOSS_SCALE",
+               "PrecisionConfig"),
+    "dtypes": ("ACCUM_DTYPE", "Precision", "config_precision", "dtype_name", "parse_dtype"),
+    "guard": ("FP16_MAX", "FP16_SMALLEST_NORMAL", "FP16HeadroomWarning", "ModuleStat", "OverflowGuard"),
+    "islands": ("IslandKind", "apply_fp32_lm_head", "island_kind", "promote_to_fp32"),
+    "scaler": ("SharedGradScaler", "install_grad_scaler"),
+    "step": ("METRIC_NAMES", "LossScaleFloorError", "NonFiniteGradientError", "OptimizerStep"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    if name != "ACCUM_DTYPE":
+        globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_HOME_OF))
+
 
 __all__ = [
     "ACCUM_DTYPE",

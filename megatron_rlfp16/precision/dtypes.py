@@ -10,14 +10,28 @@ must stay in FP32 whatever the run's precision (log-softmax statistics, loss mat
 from __future__ import annotations
 
 import enum
-from typing import Optional, Tuple, Union
+import sys
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ACCUM_DTYPE", "ROUTER_DTYPE", "Precision", "config_precision", "dtype_name", "parse_dtype"]
 
-ACCUM_DTYPE = torch.float32
-"""The dtype of accumulations and reductions that are FP32 in every precision mode."""
+# torch is imported on first use, not here: the command-line tools build their parsers from this
+# module, and ``--help`` must not wait for torch (about 1.5 s).
+
+
+def __getattr__(name: str):
+    if name == "ACCUM_DTYPE":
+        import torch
+
+        return torch.float32
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+ACCUM_DTYPE: "torch.dtype"
+"""The dtype of accumulations and reductions that are FP32 in every precision mode (``torch.float32``)."""
 ROUTER_DTYPE = "fp32"
 """Megatron's ``moe_router_dtype`` spelling of an FP32 router (logits, softmax, top-k)."""
 
@@ -30,8 +44,8 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return _TORCH_DTYPES[self]
+    def torch_dtype(self) -> "torch.dtype":
+        return _torch_dtypes()[self]
 
     @property
     def vllm_dtype(self) -> str:
@@ -49,13 +63,19 @@ class Precision(str, enum.Enum):
         return tuple(p.value for p in cls)
 
     @classmethod
-    def parse(cls, value: Union["Precision", str, torch.dtype], *, field: str = "precision") -> "Precision":
+    def long_names(cls) -> Tuple[str, ...]:
+        """The long names, sorted, for ``--dtype`` choices: ("bfloat16", "float16", "float32")."""
+        return tuple(sorted(p.vllm_dtype for p in cls))
+
+    @classmethod
+    def parse(cls, value: Union["Precision", str, "torch.dtype"], *, field: str = "precision") -> "Precision":
         """A ``Precision`` from itself, a ``torch.dtype`` or a name such as "fp16", "float16",
         "half", "torch.bfloat16" (case-insensitive). ``field`` names the setting in the error."""
         if isinstance(value, cls):
             return value
-        if isinstance(value, torch.dtype):
-            for precision, dtype in _TORCH_DTYPES.items():
+        torch = sys.modules.get("torch")  # a torch.dtype can only exist once torch is imported
+        if torch is not None and isinstance(value, torch.dtype):
+            for precision, dtype in _torch_dtypes().items():
                 if dtype == value:
                     return precision
         elif isinstance(value, str):
@@ -70,7 +90,12 @@ class Precision(str, enum.Enum):
         raise ValueError(f"{field}={value!r} is not a precision; valid: {valid}")
 
 
-_TORCH_DTYPES = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16, Precision.FP32: torch.float32}
+def _torch_dtypes() -> dict:
+    import torch
+
+    return {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16, Precision.FP32: torch.float32}
+
+
 _LONG_NAMES = {Precision.FP16: "float16", Precision.BF16: "bfloat16", Precision.FP32: "float32"}
 _ALIASES = {
     Precision.FP16: ("fp16", "float16", "half", "f16"),
@@ -79,12 +104,12 @@ _ALIASES = {
 }
 
 
-def parse_dtype(value: Union[Precision, str, torch.dtype], *, field: str = "dtype") -> torch.dtype:
+def parse_dtype(value: Union[Precision, str, "torch.dtype"], *, field: str = "dtype") -> "torch.dtype":
     """The ``torch.dtype`` of any spelling ``Precision.parse`` accepts."""
     return Precision.parse(value, field=field).torch_dtype
 
 
-def dtype_name(value: Union[Precision, str, torch.dtype], *, field: str = "dtype") -> str:
+def dtype_name(value: Union[Precision, str, "torch.dtype"], *, field: str = "dtype") -> str:
     """The long name ("float16", ...) of any accepted spelling, as HF configs and vLLM write it."""
     return Precision.parse(value, field=field).vllm_dtype
 

@@ -93,7 +93,7 @@ class JsonlReader:
 
     def _example(self, line: str, where: str) -> Example:
         try:
-            record = json.loads(line)
+            record = json.loads(line.strip())
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):

@@ -22,6 +22,20 @@ def make_model_dir(path: str, vocab_size: int, seed: int, family: str = "llama")
 
     from megatron_rlfp16.checkpoint import AtomicDir
 
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(embedded_config(vocab_size, family))
+    with AtomicDir(path, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+
+
+EMBEDDED_VOCAB = 64
+"""The embedded task tokenizer's vocabulary size (``TokenizerConfig(vocab_size=64)``)."""
+
+
+def embedded_config(vocab_size: int = EMBEDDED_VOCAB, family: str = "llama"):
+    """The tiny model's ``transformers`` config."""
+    import transformers
+
     common = dict(
         vocab_size=vocab_size, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
@@ -36,10 +50,17 @@ def make_model_dir(path: str, vocab_size: int, seed: int, family: str = "llama")
         )
     else:
         raise ValueError(f"family={family!r}; valid: {', '.join(EMBEDDED_FAMILIES)}")
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
-    with AtomicDir(path, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
+    return cfg
+
+
+def embedded_hf_config(family: str = "llama") -> dict:
+    """The tiny model's ``config.json`` contents, without writing anything (for up-front checks)."""
+    return embedded_config(EMBEDDED_VOCAB, family).to_dict()
+
+
+def embedded_model_dir(out_dir: str, family: str = "llama") -> str:
+    """Where :func:`embedded_setup` writes the tiny model."""
+    return os.path.join(out_dir, "hf_init" if family == "llama" else f"hf_init_{family}")
 
 
 def embedded_setup(out_dir: str, *, seed: int = 0, task_name: str = "reverse", length: int = 3,
@@ -51,8 +72,8 @@ def embedded_setup(out_dir: str, *, seed: int = 0, task_name: str = "reverse", l
     if family not in EMBEDDED_FAMILIES:
         raise ValueError(f"family={family!r}; valid: {', '.join(EMBEDDED_FAMILIES)}")
     task = build_task(TaskConfig(names=(task_name,), min_len=length, max_len=length))
-    tokenizer = train_tokenizer(task, TokenizerConfig(vocab_size=64, seed=seed))
-    hf_dir = os.path.join(out_dir, "hf_init" if family == "llama" else f"hf_init_{family}")
+    tokenizer = train_tokenizer(task, TokenizerConfig(vocab_size=EMBEDDED_VOCAB, seed=seed))
+    hf_dir = embedded_model_dir(out_dir, family)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0 and not os.path.isdir(hf_dir):
         os.makedirs(out_dir, exist_ok=True)

@@ -96,7 +96,10 @@ class JsonlSource:
 
     def check_prompts(self, max_tokens: int) -> int:
         """Tokenizes every prompt; an empty one or one over ``max_tokens`` tokens is an error naming
-        its file and line, or (``on_bad="skip"``) is left out. Returns the number of usable prompts."""
+        its file and line, or (``on_bad="skip"``) is left out. Returns the number of usable prompts.
+        A second call with the same limit returns at once."""
+        if getattr(self, "_checked_limit", None) == max_tokens:
+            return len(self.indices)
         keep = []
         for i in self.indices:
             example = self.dataset[i]
@@ -120,6 +123,7 @@ class JsonlSource:
                              f"{self.skipped[0][0]}: {self.skipped[0][1]})")
         if len(keep) != len(self.indices):
             self._use(keep)
+        self._checked_limit = max_tokens
         return len(keep)
 
     def prompts(self, step: int, n: int) -> List[Example]:

@@ -1,0 +1,63 @@
+"""Argument types shared by the command-line entry points (torch-free: parsing comes first).
+
+A size given on the command line is checked when it is parsed, so that ``--tp 0`` or
+``--prompts-per-step -4`` is a usage error naming the flag before any rank starts or file is read:
+argparse prints ``argument --tp: 0 is invalid; valid: an integer >= 1`` and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a parallel size, a count of steps, prompts or tokens)."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; valid: an integer >= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (an interval where 0 means "never")."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; valid: an integer >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate, a temperature, a size in GiB)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} is invalid; valid: a finite number > 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1] (a share of GPU memory)."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is invalid; valid: a number in (0, 1]")
+    return value
+
+
+def with_flag(message: str) -> str:
+    """Prefixes a config error with the flag that sets the field it names, where the entry points
+    map one flag to one field: ``RunConfig.micro_batch_size=5 ...`` becomes
+    ``--micro-batch-size: RunConfig.micro_batch_size=5 ...`` (``RolloutConfig.x`` ↔ ``--rollout-x``)."""
+    m = re.match(r"(RolloutConfig|RunConfig|TrainerConfig\.parallel|ParallelConfig|PromptConfig)\.(\w+)=", message)
+    if not m:
+        return message
+    prefix = "--rollout-" if m.group(1) == "RolloutConfig" else "--"
+    return f"{prefix}{m.group(2).replace('_', '-')}: {message}"
