@@ -21,7 +21,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_rlfp16.cli import non_negative_int, positive_float, positive_int, with_flag  # noqa: E402
+from megatron_rlfp16.cli import (  # noqa: E402
+    check_output_dir, non_negative_int, positive_float, positive_int, with_flag,
+)
 from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
 
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
     hf_dir = embedded_model_dir(args.out, args.model)
     config = build_config(args, hf_dir)
     try:  # every size against the embedded model and this world, before any rank initializes
+        check_output_dir(args.out, "--out")
         resolve_plan(config, hf_config=embedded_hf_config(args.model))
     except ValueError as err:
         print(f"error: {with_flag(str(err))}", file=sys.stderr)

@@ -22,7 +22,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rlfp16.megatron.args import add_rl_args, rl_config_from_args  # noqa: E402
-from megatron_rlfp16.cli import fraction, non_negative_int, positive_float, positive_int, with_flag  # noqa: E402
+from megatron_rlfp16.cli import (  # noqa: E402
+    check_output_dir, fraction, non_negative_int, positive_float, positive_int, with_flag,
+)
 from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
 
@@ -40,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout-sleep-level", type=int, default=2, choices=[1, 2],
                    help="vLLM sleep level while training: 2 discards its weights (the refit rewrites "
                         "them), 1 keeps a host copy")
+    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="shard master weights and Adam moments over data parallelism (default: on when dp > 1)")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                   help="activation recompute: selective (attention core) or full (every layer)")
+    p.add_argument("--attention", choices=["auto", "fused", "unfused"], default="auto",
+                   help="attention kernel the memory plan assumes (auto: fused with TransformerEngine)")
+    p.add_argument("--device-memory-gib", type=positive_float, default=None,
+                   help="memory of one GPU for the fit check (default: the GPU's own; none on CPU)")
     p.add_argument("--precision", default=Precision.FP16.value, choices=Precision.names(),
                    help="trainer and rollout precision (the same for both)")
     p.add_argument("--steps", type=positive_int, default=100, help="GRPO steps")
@@ -85,6 +95,7 @@ def build_config(args: argparse.Namespace):
     """The validated ``TrainerConfig`` of parsed flags (no GPU, no Megatron state). Each flag sets
     one config field: ``--tp/--pp/--ep`` → ``parallel``, ``--rollout-*`` → ``rollout``, ``--rl-*`` →
     ``rl``, ``--precision`` → ``precision.trainer``, the rest → ``run``."""
+    from megatron_rlfp16.plan.memory import MemoryConfig
     from megatron_rlfp16.precision import PrecisionConfig
     from megatron_rlfp16.rollout import RolloutConfig
     from megatron_rlfp16.runtime import ParallelConfig
@@ -101,6 +112,8 @@ def build_config(args: argparse.Namespace):
         rollout=RolloutConfig(tp=args.rollout_tp, gpu_memory_utilization=args.rollout_gpu_memory_utilization,
                               sleep_level=args.rollout_sleep_level),
         run=run, rl=rl, resume=not args.no_resume, precision=PrecisionConfig(trainer=args.precision),
+        memory=MemoryConfig(distributed_optimizer=args.distributed_optimizer, recompute=args.recompute,
+                            attention=args.attention, device_memory_gib=args.device_memory_gib),
         allow_changed_settings=args.allow_changed_settings,
     )
     try:
@@ -156,7 +169,9 @@ def dry_run(config) -> dict:
 
     p = config.parallel
     world = p.tp * p.pp * p.ep
-    plan = resolve_plan(config, world_size=world)
+    # The plan for the run's world (WORLD_SIZE, e.g. the recipe's NPROC); the meta model for one
+    # model-parallel group of it.
+    plan = resolve_plan(config, world_size=int(os.environ.get("WORLD_SIZE", world)))
     arch = plan.arch
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
@@ -204,9 +219,13 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         from megatron_rlfp16.models import ConfigError
+        from megatron_rlfp16.plan import MemoryPlanError
 
         try:
             summary = dry_run(config)
+        except MemoryPlanError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         except ConfigError as err:
             p = config.parallel
             print(f"error: layout tp={p.tp} pp={p.pp} ep={p.ep}: {err}", file=sys.stderr)
@@ -224,6 +243,7 @@ def main(argv=None) -> int:
     from megatron_rlfp16.trainer import JsonlSource, Trainer
 
     try:
+        check_output_dir(args.out, "--out")  # the target first
         # Sizes against the model (config.json) and this world, before the data or any weight is read.
         plan = resolve_plan(config)
         data = load_jsonl(args.data, prompt_field=args.prompt_field, answer_field=args.answer_field,

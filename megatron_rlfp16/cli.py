@@ -7,7 +7,9 @@ argparse prints ``argument --tp: 0 is invalid; valid: an integer >= 1`` and exit
 from __future__ import annotations
 
 import argparse
+import os
 import re
+from typing import Optional
 
 
 def _integer(text: str) -> int:
@@ -56,8 +58,25 @@ def with_flag(message: str) -> str:
     """Prefixes a config error with the flag that sets the field it names, where the entry points
     map one flag to one field: ``RunConfig.micro_batch_size=5 ...`` becomes
     ``--micro-batch-size: RunConfig.micro_batch_size=5 ...`` (``RolloutConfig.x`` ↔ ``--rollout-x``)."""
-    m = re.match(r"(RolloutConfig|RunConfig|TrainerConfig\.parallel|ParallelConfig|PromptConfig)\.(\w+)=", message)
+    m = re.match(r"(RolloutConfig|RunConfig|TrainerConfig\.parallel|ParallelConfig|PromptConfig|MemoryConfig)\.(\w+)=",
+                 message)
     if not m:
         return message
     prefix = "--rollout-" if m.group(1) == "RolloutConfig" else "--"
     return f"{prefix}{m.group(2).replace('_', '-')}: {message}"
+
+
+def check_output_dir(path: str, flag: str, *, overwrite: Optional[bool] = None) -> None:
+    """An output directory, checked before any work: it must not be an existing file, must be
+    creatable or writable, and (when ``overwrite`` is given) may exist only with ``--overwrite``.
+    Raises ValueError / FileExistsError naming ``flag`` and the path."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} exists and is not a directory; give a directory")
+    if overwrite is False and os.path.exists(path):
+        raise FileExistsError(f"{flag} {path!r} already exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    target = path if os.path.isdir(path) else parent
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"{flag} {path!r}: {target!r} is not writable")

@@ -49,7 +49,8 @@ def test_only_precision_spells_a_dtype():
 
 
 def test_only_models_knows_the_sequence_parallel_rule():
-    pattern = r"is_moe\b.*\btp\b|sequence_parallel\s*=\s*(?!plan\.|self\.|uses_sequence_parallel)"
+    # A value passed through (``sequence_parallel=sequence_parallel``) decides nothing.
+    pattern = r"is_moe\b.*\btp\b|sequence_parallel\s*=\s*(?!plan\.|self\.|uses_sequence_parallel|sequence_parallel\b)"
     assert _offenders(pattern, ("megatron_rlfp16/models/",)) == []
 
 

@@ -114,3 +114,28 @@ def test_cpu_shm_segments_are_named_per_run_and_stale_ones_removed(monkeypatch, 
     assert not stale.exists()
     compat.name_cpu_shm_per_run()  # idempotent: no double wrapping
     assert cpu_communicator._CPUSHMDistributed.make_group_name(communicator) == name
+
+
+def test_each_process_finds_its_gpu(monkeypatch):
+    import torch
+
+    from megatron_rlfp16.runtime import local_cuda_device
+    from megatron_rlfp16.runtime.launch import rank_device_env
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert local_cuda_device() == 5
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU per process (CUDA_VISIBLE_DEVICES)
+    assert local_cuda_device() == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=5 but only 4 GPU\(s\) are visible .*--nproc_per_node=4"):
+        local_cuda_device()
+    # The test launcher: fewer GPUs than ranks -> CPU ranks, not two ranks on one GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.warns(RuntimeWarning, match="2 ranks but 1 GPU"):
+        assert rank_device_env(2) == {"CUDA_VISIBLE_DEVICES": ""}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_device_env(2) == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device_env(2) == {}

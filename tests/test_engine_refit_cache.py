@@ -7,6 +7,8 @@ sampling temperature other than 1.
   be the new model's (Megatron's, fp32), which holds only if the refit dropped the cached blocks.
 - Temperature: at T = 0.7 the engine's log-probs of its own samples (``processed_logprobs``) equal
   Megatron's tempered ones, token by token.
+- ``load_format="dummy"`` (the trainer's engines start without reading the checkpoint): after the
+  first refit the engine's greedy log-probs equal those of an engine that loaded the checkpoint.
 """
 import pytest
 import torch
@@ -17,6 +19,7 @@ from megatron_rlfp16.testing.tiny import make_tiny_model
 pytestmark = pytest.mark.vllm
 
 PROMPT = [(7 * i + 3) % 90 + 4 for i in range(72)]
+PROBES = [PROMPT[:5], PROMPT[10:30], PROMPT[:50]]
 
 
 def _megatron_logprobs(model, arch, batch, temperature):
@@ -42,6 +45,7 @@ def engine_job(hf_dir):
     engine = RolloutEngine(hf_dir, RolloutConfig(dtype="float32", max_model_len=96),
                            engine_kwargs=dict(block_size=32, enable_prefix_caching=True))
     out = {}
+    out["loaded"] = engine.generate(PROBES, temperature=0.0, max_tokens=6).logprobs
     # Temperature 0.7: sampled responses, the engine's log-probs against Megatron's tempered ones.
     sampled = engine.generate([PROMPT[:9], PROMPT[:23]], n=4, temperature=0.7, max_tokens=8, seed=5)
     out["t07"] = (sampled.logprobs, _megatron_logprobs(model, arch, sampled, 0.7))
@@ -64,10 +68,39 @@ def engine_job(hf_dir):
     return out
 
 
+def dummy_job(hf_dir):
+    from megatron_rlfp16.bridge import export_hf, load_hf_checkpoint
+    from megatron_rlfp16.models import build_model, read_config_json
+    from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine
+    from megatron_rlfp16.runtime import ParallelConfig, init_runtime
+
+    init_runtime(ParallelConfig())
+    model, arch = build_model(read_config_json(hf_dir))
+    model.eval()
+    load_hf_checkpoint(model, arch, hf_dir)
+    engine = RolloutEngine(hf_dir, RolloutConfig(dtype="float32", max_model_len=96, load_format="dummy"))
+    before = engine.generate(PROBES, temperature=0.0, max_tokens=6).logprobs
+    engine.update_weights(export_hf(model, arch))
+    after = engine.generate(PROBES, temperature=0.0, max_tokens=6).logprobs
+    engine.close()
+    return dict(before=before, after=after)
+
+
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    hf = make_tiny_model("llama", str(tmp_path_factory.mktemp("m") / "llama"), seed=4)
-    return run_on_ranks(engine_job, 1, hf, timeout=600)[0]
+def hf_dir(tmp_path_factory):
+    return make_tiny_model("llama", str(tmp_path_factory.mktemp("m") / "llama"), seed=4)
+
+
+@pytest.fixture(scope="module")
+def job(hf_dir):
+    return run_on_ranks(engine_job, 1, hf_dir, timeout=600)[0]
+
+
+def test_an_engine_started_without_the_checkpoint_matches_after_its_first_refit(job, hf_dir):
+    dummy = run_on_ranks(dummy_job, 1, hf_dir, timeout=600)[0]
+    for loaded, refitted, unloaded in zip(job["loaded"], dummy["after"], dummy["before"]):
+        assert refitted == pytest.approx(loaded, abs=1e-5)
+        assert unloaded != pytest.approx(loaded, abs=1e-3)  # it really started from other weights
 
 
 def test_a_refit_drops_the_prefix_cache(job):

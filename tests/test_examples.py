@@ -53,7 +53,7 @@ def _rank0_params(cfg, tp, ep):
 
 @pytest.mark.parametrize("script,cfg,layout,total_b", [
     ("grpo_qwen3_8b_fp16.sh", DENSE, dict(tp=2, pp=1, ep=1), (7.9, 8.5)),
-    ("grpo_qwen3_30b_a3b_fp16.sh", MOE, dict(tp=2, pp=1, ep=4), (30.0, 31.0)),
+    ("grpo_qwen3_30b_a3b_fp16.sh", MOE, dict(tp=1, pp=1, ep=8), (30.0, 31.0)),
 ])
 def test_recipe_dry_run(tmp_path, script, cfg, layout, total_b):
     proc = _run(["bash", f"examples/{script}"], env=dict(DRY_RUN="1", HF_DIR=_hf_dir(tmp_path, cfg)))
@@ -65,7 +65,11 @@ def test_recipe_dry_run(tmp_path, script, cfg, layout, total_b):
     expected = _rank0_params(cfg, layout["tp"], layout["ep"]) / 1e9
     assert abs(s["rank0_params_b"] - expected) < 2e-3, (s["rank0_params_b"], expected)
     if cfg is MOE:
-        assert 3.0 < s["active_params_b"] < 3.6 and s["sequence_parallel"] is True
+        assert 3.0 < s["active_params_b"] < 3.6 and s["sequence_parallel"] is (layout["tp"] > 1)
+    # The memory plan for the recipe's 8 GPUs fits the GPU it names (80 GB; 141 GB for the MoE).
+    memory = s["plan"]["memory"]
+    assert memory["device_gib"] == (141 if cfg is MOE else 80) and memory["peak"]["gib"] < memory["device_gib"]
+    assert s["plan"]["distributed_optimizer"] is True
 
 
 def test_bad_layout_fails_clearly(tmp_path):

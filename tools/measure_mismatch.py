@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Only torch-free modules before the arguments are parsed: --help and usage errors answer at once.
-from megatron_rlfp16.cli import positive_float, positive_int  # noqa: E402
+from megatron_rlfp16.cli import check_output_dir, positive_float, positive_int  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_out_dir(path: str) -> None:
     """``--out`` must be a directory that can be created or written: refused before any rank starts."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--out {path!r} exists and is not a directory; give a directory for the report")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    target = path if os.path.isdir(path) else parent
-    if not os.access(target, os.W_OK):
-        raise ValueError(f"--out {path!r}: {target!r} is not writable")
+    check_output_dir(path, "--out")
 
 
 def main(argv=None) -> int:

@@ -43,12 +43,12 @@ def validate_import(hf_dir: str, megatron_dir: str, *, tp: int, pp: int, ep: int
     """Checks the HF directory against the bridge (every tensor present, right shape, readable)
     and the layout against the model, without loading any weights."""
     from megatron_rlfp16.bridge import Bridge
+    from megatron_rlfp16.cli import check_output_dir
 
+    check_output_dir(megatron_dir, "--megatron-dir", overwrite=overwrite)  # the target first
     cfg = read_config_json(hf_dir)
     arch = parse_hf_config(cfg)
     check_layout(arch, tp=tp, pp=pp, ep=ep)
-    if os.path.exists(megatron_dir) and not overwrite:
-        raise FileExistsError(f"--megatron-dir {megatron_dir!r} already exists; pass --overwrite to replace it")
     reader = SafetensorsReader(hf_dir)
     expected = Bridge(arch).hf_names()
     missing = [n for n in expected if n not in reader]
@@ -62,9 +62,10 @@ def validate_import(hf_dir: str, megatron_dir: str, *, tp: int, pp: int, ep: int
 
 
 def validate_export(megatron_dir: str, hf_dir: str, *, overwrite: bool):
+    from megatron_rlfp16.cli import check_output_dir
+
+    check_output_dir(hf_dir, "--hf-dir", overwrite=overwrite)  # the target first
     meta = read_meta(megatron_dir)
-    if os.path.exists(hf_dir) and not overwrite:
-        raise FileExistsError(f"--hf-dir {hf_dir!r} already exists; pass --overwrite to replace it")
     parse_hf_config(meta["hf_config"])
     check_shard_files(megatron_dir)
     return meta

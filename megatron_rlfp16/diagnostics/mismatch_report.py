@@ -57,7 +57,7 @@ def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16,
     # The trainer's own plan: one PrecisionConfig drives both sides, FP32 islands included.
     plan = resolve_plan(TrainerConfig(
         hf_dir=hf_dir, parallel=ParallelConfig(tp=tp), precision=PrecisionConfig(trainer=dtype),
-        rollout=RolloutConfig(tp=tp, seed=seed, max_model_len=prompt_len + max_tokens + 1),
+        rollout=RolloutConfig(tp=tp, seed=seed, max_model_len=prompt_len + max_tokens + 1, load_format="auto"),
     ), hf_config=None)
     init_runtime(plan, seed=seed)
     model = build_model(plan)

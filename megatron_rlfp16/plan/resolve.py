@@ -10,6 +10,7 @@ import torch
 
 from megatron_rlfp16.models import ModelArch, check_layout, parse_hf_config, read_config_json
 from megatron_rlfp16.models.builder import sequence_multiple, uses_sequence_parallel
+from megatron_rlfp16.plan.memory import MemoryPlan, device_memory_bytes, plan_memory, resolved_attention
 from megatron_rlfp16.precision import Precision, PrecisionConfig
 from megatron_rlfp16.rollout.engine import RolloutConfig
 from megatron_rlfp16.runtime import ParallelConfig
@@ -35,7 +36,7 @@ class RunPlan:
     """Validated; the source of every dtype below."""
     trainer_dtype: torch.dtype
     transformer_overrides: Mapping[str, Any]
-    """``TransformerConfig`` fields the precision sets (``PrecisionConfig.transformer_overrides()``)."""
+    """``TransformerConfig`` fields the precision and the recompute setting set."""
     sequence_parallel: bool
     seq_multiple: int
     """Every sequence fed to the model is padded to a multiple of this (``models.sequence_multiple``)."""
@@ -60,6 +61,13 @@ class RunPlan:
     temperature: float
     rl_loss: Any
     """The run's ``PolicyLossConfig``."""
+    distributed_optimizer: bool
+    """Master weights and Adam moments sharded over data parallelism (on by default when dp > 1)."""
+    recompute: str
+    attention: str
+    """The attention kernel the memory plan assumes ("fused" or "unfused")."""
+    memory: MemoryPlan
+    """Bytes per rank and phase (``plan.memory``); checked against the device before anything is built."""
 
     def describe(self) -> dict:
         """A JSON-able summary (printed by dry runs, stored beside checkpoints)."""
@@ -75,8 +83,10 @@ class RunPlan:
                        micro_batch_size=self.micro_batch_size, micro_batches_per_rank=self.micro_batches_per_rank,
                        updates_per_step=self.updates_per_step),
             engine=dict(tp=self.rollout.tp, max_model_len=self.rollout.max_model_len, seed=self.rollout.seed,
-                        dtype=self.engine_kwargs.get("dtype")),
+                        dtype=self.engine_kwargs.get("dtype"), load_format=self.rollout.load_format),
             export_dtype=Precision.parse(self.export_dtype).value, sync_bucket_bytes=self.sync_bucket_bytes,
+            distributed_optimizer=self.distributed_optimizer, recompute=self.recompute, attention=self.attention,
+            memory=self.memory.describe(),
         )
 
 
@@ -128,12 +138,13 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
     arch = parse_hf_config(cfg)
     world = _world_size(world_size)
     parallel = dataclasses.replace(config.parallel, etp=config.parallel.etp or config.parallel.tp)
+    check_layout(arch, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep)  # the model's constraints first
     parallel.validate(world)
-    check_layout(arch, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep)
     dp = parallel.dp(world)
     precision = config.precision
     rollout = config.rollout.resolved(
         tp=parallel.tp, seed=config.run.seed,
+        load_format="dummy",  # the trainer refits the engine before its first rollout
         max_model_len=min(arch.max_position_embeddings, PROMPT_ROOM + config.run.max_new_tokens),
     )
     if world % rollout.tp:
@@ -151,14 +162,31 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
             f"RunConfig.max_new_tokens={config.run.max_new_tokens} leaves no room for a prompt within "
             f"RolloutConfig.max_model_len={rollout.max_model_len}; valid: below {rollout.max_model_len}"
         )
-    ddp = dict(precision.ddp_kwargs(), use_distributed_optimizer=False)
-    optimizer = dict(lr=config.run.lr, weight_decay=config.run.weight_decay, use_distributed_optimizer=False)
+    memory_config = config.memory
+    distributed = dp > 1 if memory_config.distributed_optimizer is None else memory_config.distributed_optimizer
+    ddp = dict(precision.ddp_kwargs(), use_distributed_optimizer=distributed)
+    optimizer = dict(lr=config.run.lr, weight_decay=config.run.weight_decay, use_distributed_optimizer=distributed)
+    batch = _batch_arithmetic(config, dp)
+    attention = resolved_attention(memory_config.attention)
+    seq = -(-rollout.max_model_len // sequence_multiple(arch, parallel.tp)) * sequence_multiple(arch, parallel.tp)
+    memory = plan_memory(
+        arch, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, etp=parallel.etp, dp=dp, world_size=world,
+        dtype_bytes=precision.trainer.torch_dtype.itemsize, fp32_grads=bool(ddp.get("grad_reduce_in_fp32")),
+        fp32_logits=precision.fp32_logits, distributed_optimizer=distributed,
+        micro_batch_size=batch["micro_batch_size"], seq_length=seq, micro_batches=batch["micro_batches_per_update"],
+        sequence_parallel=uses_sequence_parallel(arch, parallel.tp), recompute=memory_config.recompute,
+        attention=attention, engine_fraction=rollout.gpu_memory_utilization, rollout_tp=rollout.tp,
+        rollout_dtype_bytes=precision.rollout_precision.torch_dtype.itemsize,
+        device_bytes=device_memory_bytes(memory_config), bucket_bytes=config.run.sync_bucket_mb << 20,
+    )
+    memory.check()  # before anything is allocated
+    overrides = dict(precision.transformer_overrides(), **memory_config.recompute_overrides())
     return RunPlan(
         hf_dir=config.hf_dir, hf_config=types.MappingProxyType(cfg), arch=arch, world_size=world,
         local_world_size=local,
         parallel=parallel, data_parallel=dp, precision=precision,
         trainer_dtype=precision.trainer.torch_dtype,
-        transformer_overrides=types.MappingProxyType(precision.transformer_overrides()),
+        transformer_overrides=types.MappingProxyType(overrides),
         sequence_parallel=uses_sequence_parallel(arch, parallel.tp),
         seq_multiple=sequence_multiple(arch, parallel.tp),
         ddp=types.MappingProxyType(ddp), optimizer=types.MappingProxyType(optimizer),
@@ -166,5 +194,6 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         export_dtype=precision.rollout_precision.torch_dtype,
         sync_bucket_bytes=config.run.sync_bucket_mb << 20,
         group_size=config.rl.group_size, temperature=config.rl.temperature, rl_loss=config.rl.loss,
-        **_batch_arithmetic(config, dp),
+        distributed_optimizer=distributed, recompute=memory_config.recompute, attention=attention, memory=memory,
+        **batch,
     )

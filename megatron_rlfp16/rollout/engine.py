@@ -36,6 +36,10 @@ class RolloutConfig:
     """vLLM sleep level: 2 discards the weights (the refit after training rewrites them all), 1 keeps
     a copy in host memory (the engine can then generate again without a refit)."""
     enforce_eager: bool = True
+    load_format: Optional[str] = None
+    """How the engine gets its first weights: "auto" reads the HF checkpoint, "dummy" starts from
+    random ones without reading it (only right when a refit comes before the first generation, as the
+    trainer's does). None: the run plan's choice ("dummy" for the trainer), "auto" standalone."""
     dtype: Optional[str] = None
     """Deprecated: the precision comes from ``PrecisionConfig``. Accepted when it agrees with the
     ``engine_kwargs`` dtype (any spelling ``Precision.parse`` reads), refused when it does not."""
@@ -50,6 +54,8 @@ class RolloutConfig:
             from megatron_rlfp16.precision import Precision
 
             Precision.parse(self.dtype, field="RolloutConfig.dtype")
+        if self.load_format not in (None, "auto", "dummy"):
+            raise ValueError(f"RolloutConfig.load_format={self.load_format!r}; valid: None, 'auto', 'dummy'")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"RolloutConfig.sleep_level={self.sleep_level!r}; valid: 1, 2")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -58,12 +64,14 @@ class RolloutConfig:
             )
         return self
 
-    def resolved(self, *, tp: int = 1, max_model_len: int = 512, seed: int = 0) -> "RolloutConfig":
+    def resolved(self, *, tp: int = 1, max_model_len: int = 512, seed: int = 0,
+                 load_format: str = "auto") -> "RolloutConfig":
         """A copy with the None fields filled from the given defaults."""
         return dataclasses.replace(
             self, tp=self.tp if self.tp is not None else tp,
             max_model_len=self.max_model_len if self.max_model_len is not None else max_model_len,
             seed=self.seed if self.seed is not None else seed,
+            load_format=self.load_format if self.load_format is not None else load_format,
         )
 
 
@@ -112,6 +120,7 @@ class RolloutEngine:
             seed=config.seed,
             tensor_parallel_size=config.tp,
             logprobs_mode="processed_logprobs",
+            load_format=config.load_format,
         )
         if torch.distributed.is_initialized():
             kwargs["distributed_executor_backend"] = "external_launcher"

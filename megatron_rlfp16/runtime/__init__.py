@@ -65,6 +65,21 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def local_cuda_device() -> int:
+    """This process's GPU: ``LOCAL_RANK`` among the visible ones, or the only visible one when each
+    process is given its own (``CUDA_VISIBLE_DEVICES`` set per rank, as SLURM's GPU binding does).
+    More processes on a node than visible GPUs is an error naming both."""
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local < count:
+        return local
+    if count == 1:
+        return 0
+    raise RuntimeError(
+        f"LOCAL_RANK={local} but only {count} GPU(s) are visible to this process: start one process per "
+        f"GPU (torchrun --nproc_per_node={count}) or give each process its own with CUDA_VISIBLE_DEVICES"
+    )
+
+
 def init_runtime(
     parallel: Optional[ParallelConfig] = None,
     *,
@@ -94,7 +109,7 @@ def init_runtime(
             os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_cuda_device())
         dist.init_process_group(
             backend=backend or ("nccl" if on_gpu else "gloo"),
             timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -94,6 +94,21 @@ def _entry(fn, rank, world_size, port, env, args, kwargs, results):
             pass
 
 
+def rank_device_env(world_size: int) -> dict:
+    """Environment for ``world_size`` local ranks: on a machine with fewer visible GPUs than ranks
+    they run on CPU (``CUDA_VISIBLE_DEVICES=""``, with a warning) instead of sharing a GPU by
+    accident; otherwise nothing changes (rank r uses GPU r, ``LOCAL_RANK``)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < count < world_size:
+        import warnings
+
+        warnings.warn(f"{world_size} ranks but {count} GPU(s): the ranks run on CPU", RuntimeWarning, stacklevel=3)
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    return {}
+
+
 def run_on_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -106,7 +121,7 @@ def run_on_ranks(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    env = dict(env or {})
+    env = dict(rank_device_env(world_size), **(env or {}))
     procs = [
         ctx.Process(target=_entry, args=(fn, r, world_size, port, env, args, kwargs, results), daemon=False)
         for r in range(world_size)

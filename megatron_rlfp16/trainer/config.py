@@ -7,6 +7,7 @@ parallel layout        ``runtime.ParallelConfig`` (tp, pp, ep, etp)             
 rollout engine         ``rollout.RolloutConfig`` (tp, max_model_len, ...)        ``rollout``
 RL objective           ``megatron.args.RLConfig`` (loss, estimator, group, T)    ``rl``
 precision              ``precision.PrecisionConfig``                             ``precision``
+memory layout          ``plan.memory.MemoryConfig`` (distributed optimizer, ...)  ``memory``
 loop sizes, schedule   ``RunConfig`` (below)                                     ``run``
 =====================  ======================================================  ===================
 
@@ -25,6 +26,7 @@ from typing import Any, Dict, Optional
 from megatron_rlfp16.deprecation import warn_renamed
 from megatron_rlfp16.losses import PolicyLossConfig
 from megatron_rlfp16.megatron.args import RLConfig
+from megatron_rlfp16.plan.memory import MemoryConfig
 from megatron_rlfp16.precision import PrecisionConfig
 from megatron_rlfp16.rollout.engine import RolloutConfig
 from megatron_rlfp16.runtime import ParallelConfig
@@ -145,6 +147,8 @@ class TrainerConfig:
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     """Policy loss, advantage estimator, group size, sampling temperature."""
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
+    memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+    """Distributed optimizer, activation recompute, attention kernel, device memory (the memory plan)."""
     resume: bool = True
     """Continue from ``out_dir/checkpoint`` when it exists."""
     tensorboard: bool = True
@@ -168,6 +172,7 @@ class TrainerConfig:
         self.rl.validate()
         self.precision.validate()
         self.rollout.validate()
+        self.memory.validate()
         for name in ("tp", "pp", "ep"):
             value = getattr(self.parallel, name)
             if not _int_at_least(value, 1):
