@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 PRECISION ?= fp16
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench clean gpu-smoke
 DEMO_OUT ?= runs/demo$(if $(filter-out fp16,$(PRECISION)),-$(PRECISION))
 
 setup: $(STAMP)
@@ -42,3 +42,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The GPU smoke check (docs/gpu.md): one JSON line per section in runs/gpu-smoke/smoke.jsonl; on a
+# machine without a GPU it runs its tiny dry run.
+gpu-smoke: $(STAMP)
+	$(PY) bench/gpu_smoke.py --out runs/gpu-smoke

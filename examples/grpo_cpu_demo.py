@@ -49,6 +49,8 @@ def parse_args(argv=None):
                    help="rollout engine tensor parallelism (default: --tp); other ranks run replicas")
     p.add_argument("--save-every", type=non_negative_int, default=None, metavar="N",
                    help="checkpoint every N steps (0: only at the end; default: a tenth of --steps)")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="the trainer's state in host memory while the engine samples (default: on with a GPU)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=1, metavar="K",
                    help="checkpoints kept: the latest as out/checkpoint, K-1 older as checkpoint.step-N")
     p.add_argument("--allow-changed-settings", action="store_true",
@@ -62,6 +64,7 @@ def build_config(args, hf_dir: str):
     """The run's ``TrainerConfig`` from the flags (nothing built, no torch.distributed)."""
     from megatron_rlfp16.losses import PolicyLossConfig
     from megatron_rlfp16.megatron.args import RLConfig
+    from megatron_rlfp16.plan.memory import MemoryConfig
     from megatron_rlfp16.precision import PrecisionConfig
     from megatron_rlfp16.rollout import RolloutConfig
     from megatron_rlfp16.runtime import ParallelConfig
@@ -76,6 +79,7 @@ def build_config(args, hf_dir: str):
         rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
                     group_size=args.group_size),
         precision=PrecisionConfig(trainer=args.precision), allow_changed_settings=args.allow_changed_settings,
+        memory=MemoryConfig(offload=args.offload),
     )
 
 

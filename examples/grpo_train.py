@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation recompute: selective (attention core) or full (every layer)")
     p.add_argument("--attention", choices=["auto", "fused", "unfused"], default="auto",
                    help="attention kernel the memory plan assumes (auto: fused with TransformerEngine)")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="the trainer's state in host memory while the engine samples (default: on with a GPU)")
     p.add_argument("--device-memory-gib", type=positive_float, default=None,
                    help="memory of one GPU for the fit check (default: the GPU's own; none on CPU)")
     p.add_argument("--precision", default=Precision.FP16.value, choices=Precision.names(),
@@ -113,7 +115,8 @@ def build_config(args: argparse.Namespace):
                               sleep_level=args.rollout_sleep_level),
         run=run, rl=rl, resume=not args.no_resume, precision=PrecisionConfig(trainer=args.precision),
         memory=MemoryConfig(distributed_optimizer=args.distributed_optimizer, recompute=args.recompute,
-                            attention=args.attention, device_memory_gib=args.device_memory_gib),
+                            attention=args.attention, device_memory_gib=args.device_memory_gib,
+                            offload=args.offload),
         allow_changed_settings=args.allow_changed_settings,
     )
     try:

@@ -9,6 +9,8 @@ sampling temperature other than 1.
   Megatron's tempered ones, token by token.
 - ``load_format="dummy"`` (the trainer's engines start without reading the checkpoint): after the
   first refit the engine's greedy log-probs equal those of an engine that loaded the checkpoint.
+- A weight loader that fails on one rank during a refit makes every rank raise within seconds (the
+  others would otherwise wait for it in the export's next broadcast until the process-group timeout).
 """
 import pytest
 import torch
@@ -118,3 +120,44 @@ def test_temperature_scaled_logprobs_match_megatron(job):
     # The check has teeth: the untempered log-probs of the same tokens are far off.
     raw = job["t07_raw"]
     assert max(abs(x - y) for a, b in zip(engine, raw) for x, y in zip(a, b)) > 0.05
+
+
+def failing_refit_job(hf_dir):
+    """Two ranks, one engine replica each; rank 1's weight loader fails after two tensors."""
+    import time
+
+    import torch.distributed as dist
+
+    from megatron_rlfp16.bridge import export_hf, load_hf_checkpoint
+    from megatron_rlfp16.compat import vllm as vllm_compat
+    from megatron_rlfp16.models import build_model, read_config_json
+    from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine
+    from megatron_rlfp16.runtime import ParallelConfig, init_runtime
+
+    init_runtime(ParallelConfig(tp=2))
+    model, arch = build_model(read_config_json(hf_dir))
+    load_hf_checkpoint(model, arch, hf_dir)
+    engine = RolloutEngine(hf_dir, RolloutConfig(dtype="float32", max_model_len=96, tp=1))
+    if dist.get_rank() == 1:
+        def broken(llm, stream):
+            for i, _ in enumerate(stream):
+                if i == 2:
+                    raise OSError("disk quota exceeded (injected)")
+
+        vllm_compat.reload_weights = broken
+    start = time.monotonic()
+    try:
+        engine.update_weights(export_hf(model, arch, bucket_bytes=32 << 10))
+        outcome = "no error"
+    except RuntimeError as err:
+        outcome = str(err)
+    seconds = time.monotonic() - start
+    engine.close()
+    return dict(outcome=outcome, seconds=seconds)
+
+
+def test_a_loader_failure_on_one_rank_reaches_every_rank_at_once(hf_dir):
+    for out in run_on_ranks(failing_refit_job, 2, hf_dir, timeout=300):
+        assert out["outcome"] == ("the weight sync failed on rank(s) [1]; rank 1: OSError: disk quota exceeded "
+                                  "(injected)"), out
+        assert out["seconds"] < 30

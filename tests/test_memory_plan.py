@@ -138,7 +138,61 @@ def measured():
 
 
 def _both():
-    return dict(activations=activations_job(ACTIVATION_CASES), state=state_job(STATE_CASES))
+    return dict(activations=activations_job(ACTIVATION_CASES), state=state_job(STATE_CASES),
+                offload=[offload_job(distributed) for distributed in (True, False)])
+
+
+def offload_job(distributed):
+    """FP16 training with and without an offload/reload between steps: the state after the round
+    trip is bit-identical, its storage is freed in between, and the next steps are the same."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_rlfp16.models import build_model
+    from megatron_rlfp16.precision import OptimizerStep, PrecisionConfig
+    from megatron_rlfp16.runtime import ParallelConfig, init_runtime
+    from megatron_rlfp16.runtime.offload import TrainerOffload, _state_tensors
+    from megatron_rlfp16.testing.tiny import tiny_config
+
+    def step(ddp, optimizer, stepper, seed):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        g = torch.Generator().manual_seed(seed)
+        for p in ddp.parameters():
+            p.main_grad.copy_(torch.randn(p.shape, generator=g) * 1e-2)
+        return stepper.step()
+
+    runs = {}
+    for offload in (False, True):
+        init_runtime(ParallelConfig(), seed=3)
+        precision = PrecisionConfig(trainer="fp16")
+        model, _ = build_model(tiny_config("llama", **DIMS).to_dict(), params_dtype=torch.float16,
+                               config_overrides=precision.transformer_overrides())
+        g = torch.Generator().manual_seed(11)  # the same starting weights in both runs
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+            **precision.ddp_kwargs(), use_distributed_optimizer=distributed), model)
+        optimizer = precision.build_optimizer([ddp], lr=1e-2, weight_decay=0.0, use_distributed_optimizer=distributed)
+        stepper = OptimizerStep(optimizer, precision, model=[ddp])
+        step(ddp, optimizer, stepper, 0)
+        out = {}
+        if offload:
+            mover = TrainerOffload([ddp], optimizer)
+            before = [t.detach().clone() for t in _state_tensors([ddp], optimizer)]
+            resident = mover.resident_bytes()
+            out["freed"] = mover.offload()
+            out["resident_while_offloaded"] = mover.resident_bytes()
+            out["restored"] = mover.reload()
+            after = list(_state_tensors([ddp], optimizer))
+            out["resident"] = resident
+            out["identical"] = len(before) == len(after) and all(
+                a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(before, after))
+        for seed in (1, 2):
+            step(ddp, optimizer, stepper, seed)
+        out["params"] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+        runs[offload] = out
+    return dict(distributed=distributed, plain=runs[False], offloaded=runs[True])
 
 
 @pytest.mark.ranks
@@ -229,7 +283,31 @@ def test_the_memory_plan_tool(tmp_path):
     assert fits.returncode == 0, fits.stderr
     described = json.loads(fits.stdout)
     assert described["peak"]["gib"] < 80 and set(described["phases_gib"]) == {"rollout", "training", "refit"}
-    refused = subprocess.run(common + ["--no-distributed-optimizer"], cwd=ROOT, capture_output=True, text=True,
+    refused = subprocess.run(common + ["--no-distributed-optimizer", "--no-offload"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
     assert refused.returncode == 3 and "the largest is optimizer_state" in refused.stderr, refused.stderr
     assert "| **total** |" in refused.stdout
+
+
+@pytest.mark.ranks
+def test_offload_round_trip_is_bit_exact_and_frees_the_state(measured):
+    for row in measured["offload"]:
+        o = row["offloaded"]
+        assert o["identical"], row["distributed"]
+        # Every byte of parameters, gradient buffers, master weights and moments was freed, then restored.
+        assert o["freed"] == o["resident"] == o["restored"] > 0 and o["resident_while_offloaded"] == 0
+        for name, p in row["plain"]["params"].items():
+            assert torch.equal(o["params"][name], p), name  # the steps after the round trip are the same
+
+
+@pytest.mark.ranks
+def test_the_gpu_smoke_check_dry_runs_on_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/gpu_smoke.py", "--out", str(tmp_path), "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    records = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
+    assert [r["section"] for r in records] == ["environment", "parity", "fp16_mechanics", "logprobs", "offload",
+                                               "memory"]
+    assert proc.returncode == 0 and all(r["ok"] for r in records), proc.stdout + proc.stderr[-3000:]
+    by = {r["section"]: r for r in records}
+    assert by["fp16_mechanics"]["plain_optimizer"]["skipped_steps"] == [0.0, 1.0, 1.0]
+    assert by["memory"]["state_ratio"] == pytest.approx(1.0, abs=0.01)

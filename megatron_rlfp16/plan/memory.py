@@ -207,9 +207,9 @@ class MemoryPlan:
         engine, weights = self.components.get("engine", 0), self.components.get("engine_weights", 0)
         if engine and weights > 0.9 * engine:
             raise MemoryPlanError(
-                f"the rollout engine's weights ({weights / GiB:.1f} GiB per GPU at rollout TP "
+                f"the rollout engine's weights ({_size(weights)} per GPU at rollout TP "
                 f"{self.settings.get('rollout_tp')}) leave no room for a KV cache in its share of the device "
-                f"({engine / GiB:.1f} GiB); the largest is engine_weights. To fit: a larger --rollout-tp; or a "
+                f"({_size(engine)}); the largest is engine_weights. To fit: a larger --rollout-tp; or a "
                 "larger --rollout-gpu-memory-utilization."
             )
         budget = self.device_bytes * (1 - headroom)
@@ -221,7 +221,7 @@ class MemoryPlan:
             # The engine's share is a setting, not a cost to find: name the trainer's largest part.
             mine = {k: v for k, v in parts.items() if k != "engine"} or parts
             largest = max(mine, key=mine.get)
-            gib = lambda n: f"{n / GiB:.1f} GiB"  # noqa: E731
+            gib = _size
             listed = ", ".join(f"{k} {gib(v)}" for k, v in sorted(parts.items(), key=lambda x: -x[1]) if v)
             raise MemoryPlanError(
                 f"the {phase} phase needs {gib(need)} per GPU, more than the {gib(budget)} usable of "
@@ -230,11 +230,14 @@ class MemoryPlan:
             )
 
 
+def _size(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
 def _fixes(largest: str, phase: str, settings: Mapping[str, object]) -> str:
     hints = []
     if phase == "rollout" and not settings.get("offload"):
-        hints.append("offloading the trainer's state to host memory during rollout (tools/memory_plan.py "
-                     "--offload shows that plan; the trainer does not offload yet)")
+        hints.append("offloading the trainer's state to host memory during rollout (--offload)")
     if largest in ("optimizer_state", "master_weights") and not settings.get("distributed_optimizer"):
         hints.append("the distributed optimizer (shards it over data parallelism; needs dp > 1)")
     if largest in ("optimizer_state", "master_weights", "gradients", "weights"):
@@ -321,6 +324,10 @@ class MemoryConfig:
     device_memory_gib: Optional[float] = None
     """The memory of one device, for the fit check (``--device-memory-gib``). None: the GPU's own
     (no check on CPU)."""
+    offload: Optional[bool] = None
+    """Move the trainer's parameters, gradient buffers, master weights and optimizer state to host
+    memory while the engine samples, and back before training (``--offload``). None: on when a GPU
+    is present (the engine and the trainer share it)."""
 
     def validate(self) -> "MemoryConfig":
         if self.distributed_optimizer not in (None, True, False):
@@ -329,6 +336,8 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.recompute={self.recompute!r}; valid: {list(RECOMPUTE)}")
         if self.attention not in ("auto",) + ATTENTION:
             raise ValueError(f"MemoryConfig.attention={self.attention!r}; valid: {['auto', *ATTENTION]}")
+        if self.offload not in (None, True, False):
+            raise ValueError(f"MemoryConfig.offload={self.offload!r}; valid: None, True, False")
         if self.device_memory_gib is not None and not (isinstance(self.device_memory_gib, (int, float))
                                                        and self.device_memory_gib > 0):
             raise ValueError(f"MemoryConfig.device_memory_gib={self.device_memory_gib!r}; valid: None or a number > 0")
@@ -350,6 +359,15 @@ def resolved_attention(attention: str) -> str:
     import importlib.util
 
     return "fused" if importlib.util.find_spec("transformer_engine") is not None else "unfused"
+
+
+def resolved_offload(config: MemoryConfig) -> bool:
+    """``offload`` with None resolved: on with a GPU."""
+    if config.offload is not None:
+        return config.offload
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def device_memory_bytes(config: MemoryConfig) -> Optional[int]:

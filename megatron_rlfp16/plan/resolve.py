@@ -10,7 +10,9 @@ import torch
 
 from megatron_rlfp16.models import ModelArch, check_layout, parse_hf_config, read_config_json
 from megatron_rlfp16.models.builder import sequence_multiple, uses_sequence_parallel
-from megatron_rlfp16.plan.memory import MemoryPlan, device_memory_bytes, plan_memory, resolved_attention
+from megatron_rlfp16.plan.memory import (
+    MemoryPlan, device_memory_bytes, plan_memory, resolved_attention, resolved_offload,
+)
 from megatron_rlfp16.precision import Precision, PrecisionConfig
 from megatron_rlfp16.rollout.engine import RolloutConfig
 from megatron_rlfp16.runtime import ParallelConfig
@@ -66,6 +68,8 @@ class RunPlan:
     recompute: str
     attention: str
     """The attention kernel the memory plan assumes ("fused" or "unfused")."""
+    offload: bool
+    """The trainer's state leaves the device while the engine samples (``runtime.offload``)."""
     memory: MemoryPlan
     """Bytes per rank and phase (``plan.memory``); checked against the device before anything is built."""
 
@@ -86,7 +90,7 @@ class RunPlan:
                         dtype=self.engine_kwargs.get("dtype"), load_format=self.rollout.load_format),
             export_dtype=Precision.parse(self.export_dtype).value, sync_bucket_bytes=self.sync_bucket_bytes,
             distributed_optimizer=self.distributed_optimizer, recompute=self.recompute, attention=self.attention,
-            memory=self.memory.describe(),
+            offload=self.offload, memory=self.memory.describe(),
         )
 
 
@@ -137,7 +141,10 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
     cfg = dict(hf_config) if hf_config is not None else read_config_json(config.hf_dir)
     arch = parse_hf_config(cfg)
     world = _world_size(world_size)
-    parallel = dataclasses.replace(config.parallel, etp=config.parallel.etp or config.parallel.tp)
+    # Expert TP 1 for MoE: each expert whole on a rank, so expert state shards over the expert-data-
+    # parallel ranks instead of being split by (and replicated across) the attention's TP.
+    etp = config.parallel.etp or (1 if arch.is_moe else config.parallel.tp)
+    parallel = dataclasses.replace(config.parallel, etp=etp)
     check_layout(arch, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep)  # the model's constraints first
     parallel.validate(world)
     dp = parallel.dp(world)
@@ -178,6 +185,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         attention=attention, engine_fraction=rollout.gpu_memory_utilization, rollout_tp=rollout.tp,
         rollout_dtype_bytes=precision.rollout_precision.torch_dtype.itemsize,
         device_bytes=device_memory_bytes(memory_config), bucket_bytes=config.run.sync_bucket_mb << 20,
+        offload=resolved_offload(memory_config),
     )
     memory.check()  # before anything is allocated
     overrides = dict(precision.transformer_overrides(), **memory_config.recompute_overrides())
@@ -194,6 +202,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         export_dtype=precision.rollout_precision.torch_dtype,
         sync_bucket_bytes=config.run.sync_bucket_mb << 20,
         group_size=config.rl.group_size, temperature=config.rl.temperature, rl_loss=config.rl.loss,
-        distributed_optimizer=distributed, recompute=memory_config.recompute, attention=attention, memory=memory,
+        distributed_optimizer=distributed, recompute=memory_config.recompute, attention=attention,
+        offload=resolved_offload(memory_config), memory=memory,
         **batch,
     )

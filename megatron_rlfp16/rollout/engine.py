@@ -35,7 +35,9 @@ class RolloutConfig:
     sleep_level: int = 2
     """vLLM sleep level: 2 discards the weights (the refit after training rewrites them all), 1 keeps
     a copy in host memory (the engine can then generate again without a refit)."""
-    enforce_eager: bool = True
+    enforce_eager: Optional[bool] = None
+    """Run the engine without CUDA graphs. None: eager on CPU, CUDA graphs for decoding on GPU (the
+    refit writes the weights in place, so the captured graphs stay valid)."""
     load_format: Optional[str] = None
     """How the engine gets its first weights: "auto" reads the HF checkpoint, "dummy" starts from
     random ones without reading it (only right when a refit comes before the first generation, as the
@@ -115,7 +117,7 @@ class RolloutEngine:
             model=hf_dir,
             dtype=dtype,
             skip_tokenizer_init=True,
-            enforce_eager=config.enforce_eager,
+            enforce_eager=not on_gpu if config.enforce_eager is None else config.enforce_eager,
             max_model_len=config.max_model_len,
             seed=config.seed,
             tensor_parallel_size=config.tp,
@@ -230,16 +232,26 @@ class RolloutEngine:
         start = time.perf_counter()
         count = 0
         nbytes = 0
+        stream = iter(weights)
 
         def counted():
             nonlocal count, nbytes
-            for name, t in weights:
+            for name, t in stream:
                 count += 1
                 nbytes += t.numel() * t.element_size()
                 yield name, t
 
         self.wake_up(tags=["weights"])  # the KV cache stays released until the next generate
-        patched = vllm_compat.reload_weights(self.llm, counted())
+        error, patched = None, 0
+        try:
+            patched = vllm_compat.reload_weights(self.llm, counted())
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it, see below
+            error = err
+            # The stream is collective (the export broadcasts bucket by bucket): keep taking part until
+            # it ends, so that no other rank waits for this one in a broadcast until the timeout.
+            for _ in stream:
+                pass
+        _raise_if_any_rank_failed(error, "the weight sync")
         self._weights_discarded = False
         self.llm.reset_prefix_cache()
         return dict(tensors=count, bytes=nbytes, expert_layers_reprocessed=patched,
@@ -289,3 +301,23 @@ class RolloutEngine:
         if parts:
             self.llm.wake_up(tags=parts)
             self._asleep -= set(parts)
+
+
+def _raise_if_any_rank_failed(error: Optional[BaseException], what: str) -> None:
+    """Collective when torch.distributed is up: raises on every rank when ``what`` failed on any
+    (one small all-reduce when none did), naming the ranks and the first one's error."""
+    dist = torch.distributed
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not int(flag.item()):
+        return
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [r for r, m in enumerate(messages) if m is not None]
+    raise RuntimeError(f"{what} failed on rank(s) {failed}; rank {failed[0]}: {messages[failed[0]]}") from error

@@ -28,7 +28,9 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel size for MoE layers (experts are split across it, inside data parallel)."""
     etp: Optional[int] = None
-    """Expert tensor-parallel size; None means the same as ``tp`` (Megatron's default)."""
+    """Expert tensor-parallel size. None: the run plan chooses 1 for MoE models (each expert whole on
+    a rank, its state sharded over expert data parallelism) and ``tp`` otherwise; ``init_runtime``
+    given a bare ParallelConfig uses ``tp`` (Megatron's default)."""
 
     def validate(self, world_size: int) -> None:
         for field in ("tp", "pp", "ep"):

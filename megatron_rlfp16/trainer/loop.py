@@ -52,6 +52,11 @@ class Trainer:
         self.model, self.optimizer, self.stepper, self.engine = (
             objects.model, objects.optimizer, objects.stepper, objects.engine)
         self.rank = dist.get_rank()
+        self.offloader = None
+        if self.plan.offload:  # the trainer's state leaves the device while the engine samples
+            from megatron_rlfp16.runtime.offload import TrainerOffload
+
+            self.offloader = TrainerOffload(self.model, self.optimizer)
         self.step = 0
         self.ckpt_dir = os.path.join(config.out_dir, "checkpoint")
         self._changes: Dict[str, str] = {}
@@ -69,9 +74,14 @@ class Trainer:
     # ---- one step: the data path, one stage call each ----------------------------------------
     def train_step(self) -> Dict[str, float]:
         timer = _PhaseTimer()
+        offloaded = self.offloader.offload() if self.offloader else 0
+        timer.mark("offload")
         examples, batch, left_out = self.rollout()
         timer.mark("rollout")
         pause_point("rollout-done")
+        if self.offloader:
+            self.offloader.reload()
+            timer.mark("reload")
         rewards, advantages = self.score(examples, batch)
         self.log_samples(examples, batch, rewards)
         timer.mark("reward")
@@ -93,6 +103,8 @@ class Trainer:
             loss_scale=self.stepper.loss_scale,
             **timer.metrics(),
         )
+        if self.offloader:
+            metrics["memory/offloaded_gib"] = offloaded / 2**30
         metrics.update({f"mismatch/{k}": float(v) for k, v in mismatch.items()})
         return metrics
 
@@ -352,7 +364,7 @@ def resume_settings(plan) -> Dict[str, object]:
         "precision.rollout": plan.precision.rollout_precision.value,
         "model": f"{a.family} L{a.num_layers} H{a.hidden_size} V{a.vocab_size} E{a.num_experts or 0}",
         "loss": loss.loss,
-        "layout": f"tp={p.tp} pp={p.pp} ep={p.ep}",
+        "layout": f"tp={p.tp} pp={p.pp} ep={p.ep}" + (f" etp={p.etp}" if p.etp != p.tp else ""),
     }
 
 
