@@ -31,10 +31,12 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402  (torch-free)
+
 QWEN3_8B = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=4096, intermediate_size=12288,
                 num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                 vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6,
-                tie_word_embeddings=False, torch_dtype="bfloat16")
+                tie_word_embeddings=False, torch_dtype=Precision.BF16.vllm_dtype)
 TINY = dict(QWEN3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64, vocab_size=1000)
 
@@ -115,7 +117,7 @@ def _grad_step(ddp, optimizer, stepper, torch, value=1e-3):
 def section_fp16_mechanics(args):
     out = {}
     for distributed in (False, True):
-        ddp, optimizer, stepper, _, torch = _tiny_trainer("fp16", distributed, hysteresis=1)
+        ddp, optimizer, stepper, _, torch = _tiny_trainer(Precision.FP16, distributed, hysteresis=1)
         scales, skipped = [], []
         for value in (1e-3, float("inf"), 1e-3):
             metrics = _grad_step(ddp, optimizer, stepper, torch, value)
@@ -149,7 +151,7 @@ def section_logprobs(args):
 def section_offload(args):
     from megatron_rlfp16.runtime.offload import TrainerOffload, _state_tensors
 
-    ddp, optimizer, stepper, _, torch = _tiny_trainer("fp16", True)
+    ddp, optimizer, stepper, _, torch = _tiny_trainer(Precision.FP16, True)
     _grad_step(ddp, optimizer, stepper, torch)
     before = [t.detach().clone() for t in _state_tensors([ddp], optimizer)]
     mover = TrainerOffload([ddp], optimizer)
@@ -174,6 +176,7 @@ def section_memory(args):
     import torch
 
     from megatron_rlfp16.models import causal_mask, parse_hf_config
+    from megatron_rlfp16.models.builder import uses_sequence_parallel
     from megatron_rlfp16.plan.memory import activation_bytes, plan_memory
 
     cfg = TINY if args.dry_run else dict(QWEN3_8B, num_hidden_layers=18)
@@ -187,7 +190,7 @@ def section_memory(args):
 
     out = dict(model="tiny" if args.dry_run else "Qwen3-8B, 18 layers", phases={})
     base = used()
-    ddp, optimizer, stepper, arch, _ = _tiny_trainer("fp16", False, cfg)
+    ddp, optimizer, stepper, arch, _ = _tiny_trainer(Precision.FP16, False, cfg)
     out["phases"]["model_ddp_optimizer"] = used()
     _grad_step(ddp, optimizer, stepper, torch)
     out["phases"]["after_step"] = used()
@@ -202,7 +205,8 @@ def section_memory(args):
     out["planned_state_bytes"] = planned_state
     # The forward alone: logits in FP32 without the log-probs' own tensors.
     out["planned_activation_bytes"] = activation_bytes(
-        parse_hf_config(cfg), tp=1, micro_batch_size=b, seq_length=s, dtype_bytes=2, sequence_parallel=False,
+        arch, tp=1, micro_batch_size=b, seq_length=s, dtype_bytes=2,
+        sequence_parallel=uses_sequence_parallel(arch, 1),
         attention="unfused", include_transient=False)
     if cuda:
         out["measured_state_bytes"] = out["phases"]["after_step"] - base

@@ -36,6 +36,13 @@ def uses_sequence_parallel(arch: ModelArch, tp: int) -> bool:
     return arch.is_moe and tp > 1
 
 
+def default_expert_tp(arch: ModelArch, tp: int) -> int:
+    """Expert tensor parallelism when none is given: 1 for MoE (each expert whole on a rank, so its
+    state shards over the expert-data-parallel ranks instead of being split by the attention's TP),
+    ``tp`` otherwise (Megatron's default; it has no experts to place)."""
+    return 1 if arch.is_moe else tp
+
+
 def sequence_multiple(arch: ModelArch, tp: int) -> int:
     """What every sequence length fed to the model must be a multiple of: ``tp`` under sequence
     parallelism (the sequence is split over the TP ranks), else 1. The one owner of this rule."""

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from megatron_rlfp16.models import ModelArch, check_layout, parse_hf_config, read_config_json
-from megatron_rlfp16.models.builder import sequence_multiple, uses_sequence_parallel
+from megatron_rlfp16.models.builder import default_expert_tp, sequence_multiple, uses_sequence_parallel
 from megatron_rlfp16.plan.memory import (
     MemoryPlan, device_memory_bytes, plan_memory, resolved_attention, resolved_offload,
 )
@@ -141,9 +141,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
     cfg = dict(hf_config) if hf_config is not None else read_config_json(config.hf_dir)
     arch = parse_hf_config(cfg)
     world = _world_size(world_size)
-    # Expert TP 1 for MoE: each expert whole on a rank, so expert state shards over the expert-data-
-    # parallel ranks instead of being split by (and replicated across) the attention's TP.
-    etp = config.parallel.etp or (1 if arch.is_moe else config.parallel.tp)
+    etp = config.parallel.etp or default_expert_tp(arch, config.parallel.tp)
     parallel = dataclasses.replace(config.parallel, etp=etp)
     check_layout(arch, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep)  # the model's constraints first
     parallel.validate(world)
