@@ -11,6 +11,7 @@ sampling temperature other than 1.
   first refit the engine's greedy log-probs equal those of an engine that loaded the checkpoint.
 - A weight loader that fails on one rank during a refit makes every rank raise within seconds (the
   others would otherwise wait for it in the export's next broadcast until the process-group timeout).
+- A refit scoped to the data-parallel replica (what the trainer does) sends no byte across replicas.
 """
 import pytest
 import torch
@@ -122,8 +123,10 @@ def test_temperature_scaled_logprobs_match_megatron(job):
     assert max(abs(x - y) for a, b in zip(engine, raw) for x, y in zip(a, b)) > 0.05
 
 
-def failing_refit_job(hf_dir):
-    """Two ranks, one engine replica each; rank 1's weight loader fails after two tensors."""
+def refit_job(hf_dir):
+    """Two ranks, Megatron data parallel 2 (each rank a whole replica), one engine replica per rank:
+    the refit's broadcast traffic with the export scoped to the world and to the replica, then a
+    weight loader that fails on rank 1 after two tensors."""
     import time
 
     import torch.distributed as dist
@@ -131,13 +134,33 @@ def failing_refit_job(hf_dir):
     from megatron_rlfp16.bridge import export_hf, load_hf_checkpoint
     from megatron_rlfp16.compat import vllm as vllm_compat
     from megatron_rlfp16.models import build_model, read_config_json
-    from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine
+    from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine, verify_sync
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
 
-    init_runtime(ParallelConfig(tp=2))
+    init_runtime(ParallelConfig(tp=1))
     model, arch = build_model(read_config_json(hf_dir))
+    model.eval()
     load_hf_checkpoint(model, arch, hf_dir)
     engine = RolloutEngine(hf_dir, RolloutConfig(dtype="float32", max_model_len=96, tp=1))
+    sent = []
+    original = dist.broadcast
+
+    def counting(tensor, src, group=None, **kwargs):
+        if dist.get_world_size(group) > 1:
+            sent.append(tensor.numel() * tensor.element_size())
+        return original(tensor, src, group=group, **kwargs)
+
+    dist.broadcast = counting
+    out = {}
+    for scope, seed in (("world", 1), ("replica", 2)):
+        torch.manual_seed(seed)  # the same change on both ranks: the replicas stay equal
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.1).add_(0.02 * torch.randn_like(p))
+        sent.clear()
+        engine.update_weights(export_hf(model, arch, scope=scope))
+        out[scope] = dict(bytes=sum(sent), fresh=verify_sync(engine, model, arch))
+    dist.broadcast = original
     if dist.get_rank() == 1:
         def broken(llm, stream):
             for i, _ in enumerate(stream):
@@ -147,17 +170,35 @@ def failing_refit_job(hf_dir):
         vllm_compat.reload_weights = broken
     start = time.monotonic()
     try:
-        engine.update_weights(export_hf(model, arch, bucket_bytes=32 << 10))
-        outcome = "no error"
+        engine.update_weights(export_hf(model, arch))
+        out["failure"] = "no error"
     except RuntimeError as err:
-        outcome = str(err)
-    seconds = time.monotonic() - start
+        out["failure"] = str(err)
+    out["failure_seconds"] = time.monotonic() - start
     engine.close()
-    return dict(outcome=outcome, seconds=seconds)
+    from safetensors.torch import load_file
+
+    out["model_bytes"] = sum(t.numel() * t.element_size() for t in load_file(f"{hf_dir}/model.safetensors").values())
+    return out
 
 
-def test_a_loader_failure_on_one_rank_reaches_every_rank_at_once(hf_dir):
-    for out in run_on_ranks(failing_refit_job, 2, hf_dir, timeout=300):
-        assert out["outcome"] == ("the weight sync failed on rank(s) [1]; rank 1: OSError: disk quota exceeded "
+@pytest.fixture(scope="module")
+def refits(hf_dir):
+    return run_on_ranks(refit_job, 2, hf_dir, timeout=300)
+
+
+def test_a_refit_inside_each_replica_sends_nothing_across_replicas(refits):
+    for out in refits:
+        # Scoped to the world every bucket is broadcast to both ranks; scoped to the replica (each
+        # rank holds the whole model here) no byte leaves the rank, and the engine is as fresh.
+        assert out["world"]["bytes"] == out["model_bytes"]  # every HF tensor once, whole
+        assert out["replica"]["bytes"] == 0
+        for scope in ("world", "replica"):
+            assert out[scope]["fresh"]["logprob_diff_abs_mean"] < 1e-4, (scope, out[scope])
+
+
+def test_a_loader_failure_on_one_rank_reaches_every_rank_at_once(refits):
+    for out in refits:
+        assert out["failure"] == ("the weight sync failed on rank(s) [1]; rank 1: OSError: disk quota exceeded "
                                   "(injected)"), out
-        assert out["seconds"] < 30
+        assert out["failure_seconds"] < 30

@@ -36,12 +36,16 @@ def export_hf(
     bucket_bytes: int = 512 << 20,
     receivers: Union[str, int] = "all",
     staging: Optional[StagingBuffer] = None,
+    scope: str = "world",
 ) -> Iterator[Tuple[str, torch.Tensor]]:
     """Collective generator of the full HF tensors of a (sharded) Megatron model; see
-    :func:`megatron_rlfp16.bridge.core.export_hf_weights`."""
+    :func:`megatron_rlfp16.bridge.core.export_hf_weights`. ``scope="replica"`` (with ``receivers="all"``,
+    the refit) keeps every transfer inside its data-parallel replica (``ShardContext.from_megatron``)."""
+    if scope == "replica" and receivers != "all":
+        raise ValueError(f"export_hf: scope='replica' needs receivers='all', got receivers={receivers!r}")
     bare = unwrap(model)
     return export_hf_weights(
-        bare.named_parameters(), Bridge(arch), ShardContext.from_megatron(bare),
+        bare.named_parameters(), Bridge(arch), ShardContext.from_megatron(bare, scope=scope),
         dtype=dtype, bucket_bytes=bucket_bytes, receivers=receivers, staging=staging,
     )
 

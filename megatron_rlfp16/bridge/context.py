@@ -29,6 +29,7 @@ class ShardContext:
     in_expert_leader_group: bool = True
     """Expert weights: this rank belongs to the expert-data-parallel replica that exports them."""
     world_group: Optional[Any] = None
+    """The ranks an export runs over: the whole world, or one data-parallel replica (``scope``)."""
 
     def tp_for(self, is_expert: bool):
         """``(rank, size, group)`` of the TP group that shards a dense or an expert weight."""
@@ -45,14 +46,22 @@ class ShardContext:
         return self.in_expert_leader_group if is_expert else self.in_leader_group
 
     @staticmethod
-    def from_megatron(model) -> "ShardContext":
+    def from_megatron(model, scope: str = "world") -> "ShardContext":
+        """The context of this rank. ``scope="replica"`` runs an export inside each data-parallel
+        replica (Megatron's model-parallel group: TP x PP ranks, which together hold the whole
+        model): every replica gathers and sends its own copy and nothing crosses replicas. Only for
+        models without experts (experts are spread over the data-parallel ranks by EP); a model with
+        experts falls back to the world."""
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+        if scope not in ("world", "replica"):
+            raise ValueError(f"ShardContext scope={scope!r}; valid: 'world', 'replica'")
         model = unwrap(model)
         config = model.config
         num_experts = getattr(config, "num_moe_experts", None) or 0
         ep_size = ps.get_expert_model_parallel_world_size()
+        replica = scope == "replica" and not num_experts and ps.get_data_parallel_world_size() > 1
         return ShardContext(
             tp_rank=ps.get_tensor_model_parallel_rank(),
             tp_size=ps.get_tensor_model_parallel_world_size(),
@@ -62,9 +71,9 @@ class ShardContext:
             etp_group=ps.get_expert_tensor_parallel_group() if num_experts else None,
             layer_offset=get_transformer_layer_offset(config),
             expert_offset=ps.get_expert_model_parallel_rank() * (num_experts // ep_size) if num_experts else 0,
-            in_leader_group=ps.get_data_parallel_rank() == 0,
+            in_leader_group=replica or ps.get_data_parallel_rank() == 0,
             in_expert_leader_group=(ps.get_expert_data_parallel_rank() == 0) if num_experts else True,
-            world_group=dist.group.WORLD,
+            world_group=ps.get_model_parallel_group() if replica else dist.group.WORLD,
         )
 
 

@@ -223,7 +223,7 @@ def _plan(named_params, bridge: Bridge, ctx: ShardContext, dtype):
             nbytes = sum(_aligned(torch.Size(s).numel() * out_dtype.itemsize) for _, s in tensors)
             mine.append(dict(canonical=canonical, src=me, dtype=str(out_dtype).removeprefix("torch."),
                              tensors=tensors, bytes=nbytes))
-    everyone: List[Any] = [None] * dist.get_world_size()
+    everyone: List[Any] = [None] * dist.get_world_size(ctx.world_group)
     dist.all_gather_object(everyone, mine, group=ctx.world_group)
     specs = sorted((s for part in everyone for s in part), key=lambda s: _export_order(s["canonical"]))
     _check_complete(bridge, specs)
@@ -261,7 +261,7 @@ def _transfer_bucket(bucket, local, bridge, ctx, me, receivers, staging, device)
             offset += _aligned(n)
         outs = None  # drop this tensor's gathered shards before the next one is gathered
     if receivers == "all":
-        if dist.get_world_size() > 1:
+        if dist.get_world_size(ctx.world_group) > 1:
             dist.broadcast(buf, src=src, group=ctx.world_group)
     elif src != receivers:
         if me == src:

@@ -242,7 +242,7 @@ class Trainer:
         from megatron_rlfp16.bridge import export_hf
 
         stream = export_hf(self.model, self.arch, dtype=self.plan.export_dtype,
-                           bucket_bytes=self.plan.sync_bucket_bytes)
+                           bucket_bytes=self.plan.sync_bucket_bytes, scope="replica")
         return self.engine.update_weights(stream)
 
     # ---- the run ----------------------------------------------------------------------------
