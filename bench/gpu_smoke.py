@@ -89,7 +89,7 @@ def section_parity(args):
     return out
 
 
-def _tiny_trainer(precision_name, distributed, cfg=None, **precision_kwargs):
+def _trainer(precision_name, distributed, cfg=None, **precision_kwargs):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -117,7 +117,7 @@ def _grad_step(ddp, optimizer, stepper, torch, value=1e-3):
 def section_fp16_mechanics(args):
     out = {}
     for distributed in (False, True):
-        ddp, optimizer, stepper, _, torch = _tiny_trainer(Precision.FP16, distributed, hysteresis=1)
+        ddp, optimizer, stepper, _, torch = _trainer(Precision.FP16, distributed, hysteresis=1)
         scales, skipped = [], []
         for value in (1e-3, float("inf"), 1e-3):
             metrics = _grad_step(ddp, optimizer, stepper, torch, value)
@@ -151,7 +151,7 @@ def section_logprobs(args):
 def section_offload(args):
     from megatron_rlfp16.runtime.offload import TrainerOffload, _state_tensors
 
-    ddp, optimizer, stepper, _, torch = _tiny_trainer(Precision.FP16, True)
+    ddp, optimizer, stepper, _, torch = _trainer(Precision.FP16, True)
     _grad_step(ddp, optimizer, stepper, torch)
     before = [t.detach().clone() for t in _state_tensors([ddp], optimizer)]
     mover = TrainerOffload([ddp], optimizer)
@@ -190,7 +190,7 @@ def section_memory(args):
 
     out = dict(model="tiny" if args.dry_run else "Qwen3-8B, 18 layers", phases={})
     base = used()
-    ddp, optimizer, stepper, arch, _ = _tiny_trainer(Precision.FP16, False, cfg)
+    ddp, optimizer, stepper, arch, _ = _trainer(Precision.FP16, False, cfg)
     out["phases"]["model_ddp_optimizer"] = used()
     _grad_step(ddp, optimizer, stepper, torch)
     out["phases"]["after_step"] = used()

@@ -22,7 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rlfp16.cli import (  # noqa: E402
-    check_output_dir, non_negative_int, positive_float, positive_int, with_flag,
+    add_checkpoint_args, check_output_dir, non_negative_int, positive_float, positive_int, with_flag,
 )
 from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
@@ -47,17 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--ep", type=positive_int, default=1, help="training expert parallelism (MoE)")
     p.add_argument("--rollout-tp", type=positive_int, default=None,
                    help="rollout engine tensor parallelism (default: --tp); other ranks run replicas")
-    p.add_argument("--save-every", type=non_negative_int, default=None, metavar="N",
-                   help="checkpoint every N steps (0: only at the end; default: a tenth of --steps)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="the trainer's state in host memory while the engine samples (default: on with a GPU)")
-    p.add_argument("--keep-checkpoints", type=positive_int, default=1, metavar="K",
-                   help="checkpoints kept: the latest as out/checkpoint, K-1 older as checkpoint.step-N")
-    p.add_argument("--allow-changed-settings", action="store_true",
-                   help="resume a checkpoint saved with another precision, model, loss or layout "
-                        "(a deliberate ablation; recorded in metrics.jsonl)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoint exists")
-    return p.parse_args(argv)
+    return add_checkpoint_args(p).parse_args(argv)
 
 
 def build_config(args, hf_dir: str):

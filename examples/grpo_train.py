@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rlfp16.megatron.args import add_rl_args, rl_config_from_args  # noqa: E402
 from megatron_rlfp16.cli import (  # noqa: E402
-    check_output_dir, fraction, non_negative_int, positive_float, positive_int, with_flag,
+    add_checkpoint_args, check_output_dir, fraction, non_negative_int, positive_float, positive_int, with_flag,
 )
 from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
@@ -80,14 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-samples", type=non_negative_int, default=0, metavar="N",
                    help="every N steps write a few (prompt, response, reward) rows to samples.jsonl and "
                         "TensorBoard (0: never)")
-    p.add_argument("--save-every", type=non_negative_int, default=None, metavar="N",
-                   help="checkpoint every N steps (0: only at the end; default: a tenth of --steps)")
-    p.add_argument("--keep-checkpoints", type=positive_int, default=1, metavar="K",
-                   help="checkpoints kept: the latest as out/checkpoint, K-1 older as checkpoint.step-N")
-    p.add_argument("--allow-changed-settings", action="store_true",
-                   help="resume a checkpoint saved with another precision, model, loss or layout "
-                        "(a deliberate ablation; recorded in metrics.jsonl)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoint exists")
+    add_checkpoint_args(p)
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and build the model on the meta device; no GPU, weights or vLLM")
     return add_rl_args(p)

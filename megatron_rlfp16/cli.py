@@ -80,3 +80,17 @@ def check_output_dir(path: str, flag: str, *, overwrite: Optional[bool] = None) 
     target = path if os.path.isdir(path) else parent
     if not os.access(target, os.W_OK):
         raise ValueError(f"{flag} {path!r}: {target!r} is not writable")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The checkpoint and resume flags every training entry point takes (``RunConfig.save_every``,
+    ``RunConfig.keep_checkpoints``, ``TrainerConfig.allow_changed_settings``, ``resume``)."""
+    parser.add_argument("--save-every", type=non_negative_int, default=None, metavar="N",
+                        help="checkpoint every N steps (0: only at the end; default: a tenth of --steps)")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=1, metavar="K",
+                        help="checkpoints kept: the latest as out/checkpoint, K-1 older as checkpoint.step-N")
+    parser.add_argument("--allow-changed-settings", action="store_true",
+                        help="resume a checkpoint saved with another precision, model, loss or layout "
+                             "(a deliberate ablation; recorded in metrics.jsonl)")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoint exists")
+    return parser

@@ -36,11 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_out_dir(path: str) -> None:
-    """``--out`` must be a directory that can be created or written: refused before any rank starts."""
-    check_output_dir(path, "--out")
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_rlfp16.diagnostics import mismatch_report as report
@@ -48,7 +43,7 @@ def main(argv=None) -> int:
     from megatron_rlfp16.runtime.launch import RankFailure, run_on_ranks
 
     try:
-        check_out_dir(args.out)  # the target first: before the measurement, not after it
+        check_output_dir(args.out, "--out")  # the target first: before the measurement, not after it
         dtypes = report.parse_dtypes(args.dtypes)
         arch = parse_hf_config(read_config_json(args.hf_dir))
         check_layout(arch, tp=args.tp, pp=1, ep=1)  # before any rank starts

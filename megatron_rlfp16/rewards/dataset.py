@@ -25,6 +25,13 @@ BAD_LINE_POLICIES = ("error", "skip")
 """What a reader does with a line it cannot use: raise naming file and line, or leave it out."""
 
 
+def check_bad_line_policy(value: str, field: str = "on_bad") -> str:
+    """``value`` if it is one of :data:`BAD_LINE_POLICIES`, else a ValueError naming ``field``."""
+    if value not in BAD_LINE_POLICIES:
+        raise ValueError(f"{field}={value!r}; valid: {list(BAD_LINE_POLICIES)}")
+    return value
+
+
 @dataclass
 class JsonlDataset:
     """Examples read from one JSONL file."""
@@ -58,12 +65,10 @@ class JsonlReader:
 
     def __init__(self, path: str, *, prompt_field: str = "prompt", answer_field: str = "answer",
                  on_bad: str = "error"):
-        if on_bad not in BAD_LINE_POLICIES:
-            raise ValueError(f"on_bad={on_bad!r}; valid: {list(BAD_LINE_POLICIES)}")
+        self.on_bad = check_bad_line_policy(on_bad)
         self.path = path
         self.prompt_field = prompt_field
         self.answer_field = answer_field
-        self.on_bad = on_bad
         self.num_blank = 0
         """Blank (or whitespace-only) lines skipped so far."""
         self.skipped: list[tuple[int, str]] = []

@@ -67,13 +67,11 @@ class JsonlSource:
     def __init__(self, dataset, tokenizer, reward, *, seed: int = 0, prompt_config=None, hf_dir=None,
                  on_bad: str = "error"):
         from megatron_rlfp16.prompts import PromptBuilder, stop_token_ids
-        from megatron_rlfp16.rewards.dataset import BAD_LINE_POLICIES
+        from megatron_rlfp16.rewards.dataset import check_bad_line_policy
 
-        if on_bad not in BAD_LINE_POLICIES:
-            raise ValueError(f"JsonlSource.on_bad={on_bad!r}; valid: {list(BAD_LINE_POLICIES)}")
+        self.on_bad = check_bad_line_policy(on_bad, "JsonlSource.on_bad")
         self.dataset = dataset
         self.seed = seed
-        self.on_bad = on_bad
         self.tokenizer = tokenizer
         self.reward_fn = reward
         self.builder = PromptBuilder(tokenizer, prompt_config)
