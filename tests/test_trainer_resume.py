@@ -54,8 +54,13 @@ class Run:
             assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{self.text()[-3000:]}"
             time.sleep(0.2)
 
-    def wait_paused(self, point):
-        self.wait_for(lambda: (self.pause_dir / f"{point}.0").exists(), f"pause at {point}")
+    def wait_paused(self, point, ranks=(0,)):
+        self.wait_for(lambda: all((self.pause_dir / f"{point}.{r}").exists() for r in ranks),
+                      f"pause at {point}")
+
+    def release(self, point, ranks=(0, 1)):
+        for r in ranks:
+            (self.pause_dir / f"{point}.{r}.go").touch()
 
     def kill_all(self):
         """SIGKILL to the launcher and every rank (torchrun starts ranks in their own sessions)."""
@@ -101,16 +106,21 @@ def test_killed_at_any_point_the_run_resumes_and_matches_the_uninterrupted_one(t
     reference = {r["step"]: r for r in metrics(whole)}
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
 
-    # SIGTERM to the launcher: the ranks finish the step, save it and exit non-zero, within 30 s.
-    run = Run(out, "sigterm", extra=PARTS)
-    run.wait_for(lambda: len(metrics(out)) >= 1, "step 1")
+    # SIGTERM to the launcher while every rank is in step 2 (held there, then let go): the ranks
+    # finish the step, save it and exit non-zero, within torchrun's 30 s. That save is the run's
+    # first, so its writer's helper process starts after the signal (see test_checkpoint_writer_signals).
+    run = Run(out, "sigterm", extra=PARTS, pause="rollout-done:2")
+    run.wait_paused("rollout-done", ranks=(0, 1))
     sent = time.monotonic()
     run.proc.send_signal(signal.SIGTERM)
+    run.wait_for(lambda: run.text().count("closing signal SIGTERM") == 2, "SIGTERM forwarded to both ranks")
+    run.release("rollout-done")
     assert run.proc.wait(timeout=60) != 0
-    assert time.monotonic() - sent < 30
+    assert time.monotonic() - sent < 30, run.text()[-3000:]
     run.assert_all_gone()
+    assert (ckpt / "rl_state.json").is_file(), run.text()[-3000:]
     stopped = saved_step(ckpt)
-    assert stopped == len(metrics(out)) and 1 <= stopped < 4, (stopped, run.text()[-2000:])
+    assert stopped == len(metrics(out)) == 2, (stopped, run.text()[-3000:])
     assert f"stopped by SIGTERM after step {stopped}" in run.text()
 
     # SIGKILL mid-step 4: step 3 is logged but was never saved (the checkpoint is step 2's).

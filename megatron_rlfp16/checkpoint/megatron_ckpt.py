@@ -94,6 +94,7 @@ def save_megatron_checkpoint(
         sharded = {"model": bare.sharded_state_dict()}
         if extra_state:
             sharded.update(extra_state)
+        _start_writer_results_queue()
         dist_checkpointing.save(sharded, tmp)
         _barrier()
         if _is_rank0():
@@ -115,6 +116,32 @@ def save_megatron_checkpoint(
         if _is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_writer_manager = None
+
+
+def _start_writer_results_queue() -> None:
+    """Megatron's checkpoint writer hands its results to the rank through a queue served by a
+    ``multiprocessing`` manager process, started on the first save (the module global
+    ``filesystem_async._results_queue``, in 0.16 and 0.19). Started there it dies with the SIGTERM that
+    ``torchrun`` sends to the rank's process group, and the save that signal asked for fails with
+    ``EOFError``. Started here, the manager ignores SIGTERM/SIGINT and ends with its rank."""
+    global _writer_manager
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron_rlfp16.runtime.stop import detach_from_stop_signals
+
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        return  # already started, or a Megatron that does it otherwise
+    # Forked, not spawned: a spawned child starts with default signal actions (and an empty signal
+    # mask), so it can die before its initializer runs; a forked one has the rank's handlers until then.
+    manager = SyncManager(ctx=mp.get_context("fork"))
+    manager.start(initializer=detach_from_stop_signals, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()
+    _writer_manager = manager
 
 
 def _swap_in(tmp: str, target: str, *, keep_previous_as: Optional[str] = None) -> None:

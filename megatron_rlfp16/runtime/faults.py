@@ -1,7 +1,9 @@
 """Named points where a test freezes a run so that it can kill it there, from outside, with SIGKILL.
 
 ``RLFP16_PAUSE_AT=<point>[:<n>]`` makes every process reaching ``<point>`` for the ``n``-th time (1 by
-default) write its pid to ``$RLFP16_PAUSE_DIR/<point>.<rank>`` and wait there until it is killed.
+default) write its pid to ``$RLFP16_PAUSE_DIR/<point>.<rank>`` and wait there until it is killed, or
+until the test creates ``<point>.<rank>.go`` beside it (then it goes on: a signal can be sent while
+every rank is at a known point).
 Unset (always, outside tests), :func:`pause_point` returns at once. The points:
 
 - ``rollout-done``: a training step has sampled its batch and not yet trained on it (every rank);
@@ -35,5 +37,5 @@ def pause_point(name: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(str(os.getpid()))
     os.replace(path + ".tmp", path)
-    while True:  # until the test's SIGKILL
-        time.sleep(60)
+    while not os.path.exists(path + ".go"):  # or the test's SIGKILL
+        time.sleep(0.1)

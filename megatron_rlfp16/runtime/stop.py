@@ -77,3 +77,20 @@ class StopRequest:
                 value = value.cuda()
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return int(value.item())
+
+
+def detach_from_stop_signals(parent_pid: int) -> None:
+    """Run in a helper process a rank starts (as its ``initializer``): it ignores SIGTERM/SIGINT and
+    dies with the rank instead. ``torchrun`` signals a rank's whole process group, helpers included;
+    a helper the rank still needs to finish its last step and save must survive that signal."""
+    import ctypes
+    import os
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    try:  # Linux: SIGKILL when the parent exits, however it exits
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent ended before prctl took effect
+        os._exit(0)

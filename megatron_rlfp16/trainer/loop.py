@@ -250,7 +250,7 @@ class Trainer:
         """Runs until ``config.run.steps`` (or ``stop_after`` more steps); returns this call's metrics.
 
         Checkpoints every ``run.checkpoint_interval`` steps and at the end. On SIGTERM/SIGINT (to
-        any rank) every rank finishes the current step, saves it and raises
+        any rank) before the last step every rank finishes the current step, saves it and raises
         :class:`~megatron_rlfp16.runtime.stop.RunStopped` (see ``runtime/stop.py``)."""
         run = self.config.run
         history = []
@@ -273,8 +273,8 @@ class Trainer:
                     if not saved:
                         self.save()
                     raise RunStopped(signum, self.step)
-        if self.step >= run.steps:
-            self.save()
+            if self.step >= run.steps:
+                self.save()  # a signal now only waits for this save: the run is complete
         return history
 
     # ---- checkpoints ------------------------------------------------------------------------
