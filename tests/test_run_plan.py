@@ -140,9 +140,15 @@ def test_plan_resolves_every_consumer_from_one_precision(llama_dir, moe_dir):
     moe = resolve_plan(_config(moe_dir, parallel=ParallelConfig(tp=2)), world_size=2)
     assert moe.sequence_parallel and moe.seq_multiple == 2
     described = moe.describe()
-    # Expert TP 1 for MoE (each expert whole on a rank); given explicitly, the user's choice stands.
-    assert described["layout"] == dict(tp=2, pp=1, ep=1, etp=1, dp=1, rollout_tp=2)
-    explicit = resolve_plan(_config(moe_dir, parallel=ParallelConfig(tp=2, etp=2)), world_size=2)
+    # Expert TP stays tp without expert parallelism: Megatron reduces expert gradients over the
+    # expert-data-parallel ranks only when ep > 1 (etp=1 at tp=2, ep=1 left each TP rank a partial
+    # expert gradient: test_routing_replay's gradient check found it). With ep > 1 it is 1.
+    assert described["layout"] == dict(tp=2, pp=1, ep=1, etp=2, dp=1, rollout_tp=2)
+    with pytest.raises(ValueError, match=r"ParallelConfig.etp=1 with tp=2 and ep=1: .* valid: etp=tp \(2\)"):
+        resolve_plan(_config(moe_dir, parallel=ParallelConfig(tp=2, etp=1)), world_size=2)
+    folded = resolve_plan(_config(moe_dir, parallel=ParallelConfig(tp=2, ep=2)), world_size=4)
+    assert folded.parallel.etp == 1
+    explicit = resolve_plan(_config(moe_dir, parallel=ParallelConfig(tp=2, ep=2, etp=2)), world_size=4)
     assert explicit.parallel.etp == 2
     assert resolve_plan(_config(llama_dir, parallel=ParallelConfig(tp=2)), world_size=2).parallel.etp == 2
 

@@ -13,7 +13,7 @@ from typing import Iterable, Tuple
 import torch
 
 __all__ = [
-    "configure_in_process", "model_runner", "name_cpu_shm_per_run", "set_log_level", "quiet_expected_reload_warnings", "reload_weights",
+    "configure_in_process", "model_runner", "sample_of_request", "name_cpu_shm_per_run", "set_log_level", "quiet_expected_reload_warnings", "reload_weights",
     "rerun_expert_processing", "shutdown",
 ]
 
@@ -79,6 +79,24 @@ def model_runner(llm):
     """The in-process model runner of an ``LLM`` (0.32.0: ``llm.llm_engine.model_executor.
     driver_worker.worker.model_runner``; needs :func:`configure_in_process`)."""
     return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
+def sample_of_request(internal_id: str, n: int) -> Tuple[str, int]:
+    """``(RequestOutput.request_id, CompletionOutput.index)`` of the engine-internal request id the
+    model runner sees: vLLM 0.32 names a request ``"<id>-<8 random hex>"`` and, with ``n > 1``, runs
+    the k-th sample as its own request ``"<k>_<that name>"``."""
+    name, index = internal_id, 0
+    if n > 1:
+        k, sep, name = internal_id.partition("_")
+        if not sep or not k.isdigit():
+            raise ValueError(f"engine request id {internal_id!r} is not '<k>_<id>-<suffix>' "
+                             f"(n={n}): this vLLM names parallel samples differently")
+        index = int(k)
+    external, sep, suffix = name.rpartition("-")
+    if not sep or len(suffix) != 8:
+        raise ValueError(f"engine request id {internal_id!r} is not '<id>-<8 hex>': this vLLM names "
+                         "requests differently")
+    return external, index
 
 
 def shutdown(llm) -> None:

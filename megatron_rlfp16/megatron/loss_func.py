@@ -216,9 +216,11 @@ def make_forward_step(
     with_entropy = compute_entropy or loss_config.entropy_coef != 0
 
     def forward_step(data_iterator, model):
+        from megatron_rlfp16.megatron import routing
         from megatron_rlfp16.runtime import device
 
         batch = to_device(next(data_iterator), device())
+        routing.feed(model, batch)
         ids, pos, mask = model_inputs(batch, device())
         with logprobs_head(model, vocab_size=vocab_size, temperature=temperature, with_entropy=with_entropy,
                            chunk_size=chunk_size):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
 
+from megatron_rlfp16.megatron import routing
 from megatron_rlfp16.megatron.batch import MicroBatch, check_micro_batches, model_inputs
 from megatron_rlfp16.megatron.loss_func import logprobs_head
 
@@ -52,7 +53,9 @@ def compute_logprobs(
     batch_size, seq_length = check_micro_batches(micro_batches, training=False)
 
     def forward_step(data_iterator, model):
-        ids, pos, mask = model_inputs(next(data_iterator), device())
+        batch = next(data_iterator)
+        routing.feed(model, batch)
+        ids, pos, mask = model_inputs(batch, device())
         with logprobs_head(model, vocab_size=vocab_size, temperature=temperature, with_entropy=with_entropy,
                            chunk_size=chunk_size):
             output = model(ids, pos, attention_mask=mask, labels=ids)

@@ -36,11 +36,13 @@ def uses_sequence_parallel(arch: ModelArch, tp: int) -> bool:
     return arch.is_moe and tp > 1
 
 
-def default_expert_tp(arch: ModelArch, tp: int) -> int:
-    """Expert tensor parallelism when none is given: 1 for MoE (each expert whole on a rank, so its
-    state shards over the expert-data-parallel ranks instead of being split by the attention's TP),
-    ``tp`` otherwise (Megatron's default; it has no experts to place)."""
-    return 1 if arch.is_moe else tp
+def default_expert_tp(arch: ModelArch, tp: int, ep: int = 1) -> int:
+    """Expert tensor parallelism when none is given: 1 for MoE with expert parallelism (each expert
+    whole on a rank, its state sharded over the expert-data-parallel ranks instead of being split by
+    the attention's TP), ``tp`` otherwise (Megatron's default). With ep=1 it must be ``tp``: Megatron
+    reduces expert gradients over the expert-data-parallel group only when ep > 1
+    (``ParallelConfig.validate``)."""
+    return 1 if arch.is_moe and ep > 1 else tp
 
 
 def sequence_multiple(arch: ModelArch, tp: int) -> int:

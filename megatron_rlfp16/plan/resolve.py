@@ -141,7 +141,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
     cfg = dict(hf_config) if hf_config is not None else read_config_json(config.hf_dir)
     arch = parse_hf_config(cfg)
     world = _world_size(world_size)
-    etp = config.parallel.etp or default_expert_tp(arch, config.parallel.tp)
+    etp = config.parallel.etp or default_expert_tp(arch, config.parallel.tp, config.parallel.ep)
     parallel = dataclasses.replace(config.parallel, etp=etp)
     check_layout(arch, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep)  # the model's constraints first
     parallel.validate(world)

@@ -7,8 +7,9 @@ Sequences are ``prompt + response``. Training scores ``targets = tokens[:, 1:]``
 from __future__ import annotations
 
 import dataclasses
-from typing import List
+from typing import List, Optional
 
+import numpy as np
 import torch
 
 from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
@@ -27,6 +28,9 @@ class RolloutBatch:
     """True where the response ended by a stop token, False where it hit max_tokens."""
     skipped: List[int] = dataclasses.field(default_factory=list)
     """Indices of requested prompts that were not generated (empty, or too long for the engine)."""
+    routes: Optional[List[np.ndarray]] = None
+    """With ``RolloutConfig.return_routes``: per sample, the experts the engine routed each token to,
+    ``[len(prompt) + len(response) - 1, layers, top-k]`` int16 (``megatron_rlfp16.routing``)."""
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -34,10 +38,14 @@ class RolloutBatch:
     @classmethod
     def concat(cls, parts: List["RolloutBatch"]) -> "RolloutBatch":
         """Joins batches whose ``prompt_index`` and ``skipped`` already refer to one request."""
-        out = cls(prompts=[], responses=[], logprobs=[], prompt_index=[], finished=[], skipped=[])
+        with_routes = bool(parts) and all(p.routes is not None for p in parts)
+        out = cls(prompts=[], responses=[], logprobs=[], prompt_index=[], finished=[], skipped=[],
+                  routes=[] if with_routes else None)
         for part in parts:
             for field in ("prompts", "responses", "logprobs", "prompt_index", "finished", "skipped"):
                 getattr(out, field).extend(getattr(part, field))
+            if with_routes:
+                out.routes.extend(part.routes)
         return out
 
     def to_tensors(self, pad_id: int = 0, pad_to_multiple: int = 1):
@@ -56,6 +64,21 @@ class RolloutBatch:
             mask[i, lo:hi] = 1.0
             logprobs[i, lo:hi] = torch.tensor(lp, dtype=ACCUM_DTYPE)
         return tokens, mask, logprobs
+
+    def routes_tensor(self, seq_len: int) -> torch.Tensor:
+        """The routes as one ``[B, seq_len, layers, top-k]`` int16 tensor, laid out like
+        ``to_tensors``' tokens (``NO_ROUTE`` where the engine ran nothing: each last token, padding)."""
+        from megatron_rlfp16.routing import NO_ROUTE, ROUTE_DTYPE
+
+        if self.routes is None:
+            raise ValueError("this batch has no routes: the engine was started without return_routes")
+        if not self.routes:
+            raise ValueError("this batch is empty")
+        layers, topk = self.routes[0].shape[1:]
+        out = torch.full((len(self), seq_len, layers, topk), NO_ROUTE, dtype=ROUTE_DTYPE)
+        for i, r in enumerate(self.routes):
+            out[i, : len(r)] = torch.from_numpy(np.ascontiguousarray(r)).to(ROUTE_DTYPE)
+        return out
 
 
 def apply_stop_strings(batch: "RolloutBatch", stops, decode) -> int:
@@ -80,6 +103,8 @@ def apply_stop_strings(batch: "RolloutBatch", stops, decode) -> int:
         if lo < len(response) or not batch.finished[i]:
             batch.responses[i] = response[:lo]
             batch.logprobs[i] = batch.logprobs[i][:lo]
+            if batch.routes is not None:  # the engine ran every kept token but the new last one
+                batch.routes[i] = batch.routes[i][: len(batch.prompts[i]) + lo - 1]
             batch.finished[i] = True
             cut += 1
     return cut

@@ -42,6 +42,10 @@ class RolloutConfig:
     """How the engine gets its first weights: "auto" reads the HF checkpoint, "dummy" starts from
     random ones without reading it (only right when a refit comes before the first generation, as the
     trainer's does). None: the run plan's choice ("dummy" for the trainer), "auto" standalone."""
+    return_routes: bool = False
+    """Capture the experts every MoE layer routed each token to (``RolloutBatch.routes``, see
+    ``megatron_rlfp16.routing``): what routing replay (R3) replays and what router agreement is
+    measured against. The run plan turns it on for MoE models."""
     dtype: Optional[str] = None
     """Deprecated: the precision comes from ``PrecisionConfig``. Accepted when it agrees with the
     ``engine_kwargs`` dtype (any spelling ``Precision.parse`` reads), refused when it does not."""
@@ -150,6 +154,12 @@ class RolloutEngine:
             if torch.distributed.is_initialized() else (1, 0)
         self.num_replicas = world // config.tp
         self.replica_rank = rank // config.tp
+        self.routes = None
+        if config.return_routes:
+            from megatron_rlfp16.rollout.routes import RouteCapture
+
+            layers = self.llm.llm_engine.vllm_config.model_config.get_total_num_hidden_layers()
+            self.routes = RouteCapture(self.llm, num_layers=layers)
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(
@@ -188,9 +198,12 @@ class RolloutEngine:
                 # vLLM seeds the k-th of n samples with seed + k: space prompts n apart.
                 seed=None if seed is None else seed + i * n,
             ))
+        if self.routes is not None and requests:
+            self.routes.begin()
         outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
         batch = RolloutBatch(prompts=[], responses=[], logprobs=[], prompt_index=[], finished=[],
-                             skipped=skipped)
+                             skipped=skipped, routes=[] if self.routes is not None else None)
+        sequences = {}
         for i, out in zip(keep, outputs):
             for comp in out.outputs:
                 ids = list(comp.token_ids)
@@ -199,6 +212,12 @@ class RolloutEngine:
                 batch.logprobs.append([lp[t].logprob for t, lp in zip(ids, comp.logprobs)])
                 batch.prompt_index.append(i)
                 batch.finished.append(comp.finish_reason == "stop")
+                sequences[(out.request_id, comp.index)] = list(by_index[i]) + ids
+        if self.routes is not None and requests:
+            from megatron_rlfp16.compat.vllm import sample_of_request
+
+            captured = self.routes.end(sequences, key_of=lambda rid: sample_of_request(rid, n))
+            batch.routes.extend(captured[key] for key in sequences)
         return batch
 
     def generate_sharded(self, prompts: Sequence[Sequence[int]], **kwargs) -> RolloutBatch:

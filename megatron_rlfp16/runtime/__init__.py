@@ -28,9 +28,10 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel size for MoE layers (experts are split across it, inside data parallel)."""
     etp: Optional[int] = None
-    """Expert tensor-parallel size. None: the run plan chooses 1 for MoE models (each expert whole on
-    a rank, its state sharded over expert data parallelism) and ``tp`` otherwise; ``init_runtime``
-    given a bare ParallelConfig uses ``tp`` (Megatron's default)."""
+    """Expert tensor-parallel size. None: the run plan chooses 1 for MoE models with ep > 1 (each
+    expert whole on a rank, its state sharded over expert data parallelism) and ``tp`` otherwise;
+    ``init_runtime`` given a bare ParallelConfig uses ``tp`` (Megatron's default). With ep=1 it must
+    equal ``tp`` (Megatron reduces expert gradients over expert-DP ranks only under EP)."""
 
     def validate(self, world_size: int) -> None:
         for field in ("tp", "pp", "ep"):
@@ -45,6 +46,13 @@ class ParallelConfig:
                 "choose sizes whose product divides the number of ranks"
             )
         etp = self.etp or self.tp
+        if etp != self.tp and self.ep == 1:
+            raise ValueError(
+                f"ParallelConfig.etp={etp} with tp={self.tp} and ep=1: Megatron-Core reduces expert "
+                "gradients over the expert-data-parallel ranks only when ep > 1, so with ep=1 each "
+                "tensor-parallel rank would keep a partial expert gradient; valid: etp=tp "
+                f"({self.tp}) or None with ep=1, or any etp with ep > 1"
+            )
         if world_size % (etp * self.ep * self.pp) != 0:
             raise ValueError(
                 f"world size {world_size} is not divisible by etp*ep*pp = {etp}*{self.ep}*{self.pp}"
