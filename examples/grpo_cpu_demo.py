@@ -1,7 +1,8 @@
 """The embedded default: GRPO in FP16 on CPU, Megatron TP=2 training beside a colocated vLLM engine.
 
     torchrun --nproc_per_node=2 examples/grpo_cpu_demo.py --out runs/demo [--precision fp16|bf16]
-                                                        [--model qwen3_moe --tp 1 --ep 2 --rollout-tp 1]
+                                                        [--model qwen3_moe --tp 1 --ep 2 --rollout-tp 1
+                                                         --routing-replay r3]
 
 1. A synthetic task ("reverse: 3 1 4 =" -> "4 1 3") and a SentencePiece tokenizer fitted to it.
 2. A tiny random Llama-shaped model (or a Qwen3-MoE with ``--model qwen3_moe``) written as an HF
@@ -47,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--ep", type=positive_int, default=1, help="training expert parallelism (MoE)")
     p.add_argument("--rollout-tp", type=positive_int, default=None,
                    help="rollout engine tensor parallelism (default: --tp); other ranks run replicas")
+    p.add_argument("--routing-replay", default="none", choices=["none", "r2", "r3"],
+                   help="MoE routing replay: r3 replays the rollout engine's experts in every trainer "
+                        "forward, r2 the trainer's own pi_old routing in the updates (docs/rollout.md)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="the trainer's state in host memory while the engine samples (default: on with a GPU)")
     return add_checkpoint_args(p).parse_args(argv)
@@ -69,7 +73,7 @@ def build_config(args, hf_dir: str):
                       micro_batch_size=args.micro_batch_size, updates_per_step=args.updates_per_step, lr=args.lr,
                       seed=args.seed, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints),
         rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
-                    group_size=args.group_size),
+                    group_size=args.group_size, routing_replay=args.routing_replay),
         precision=PrecisionConfig(trainer=args.precision), allow_changed_settings=args.allow_changed_settings,
         memory=MemoryConfig(offload=args.offload),
     )

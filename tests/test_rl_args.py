@@ -20,7 +20,7 @@ FLAGS = [
     "--rl-loss", "--rl-clip-low", "--rl-clip-high", "--rl-dual-clip", "--rl-correction",
     "--rl-correction-cap", "--rl-correction-floor", "--rl-agg", "--rl-norm-length", "--rl-kl-coef",
     "--rl-kl-estimator", "--rl-entropy-coef", "--rl-advantage-estimator", "--rl-group-size",
-    "--rl-temperature",
+    "--rl-temperature", "--rl-routing-replay",
 ]
 
 
@@ -153,3 +153,12 @@ def test_package_import_does_not_import_megatron():
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_routing_replay_flag_and_its_errors():
+    assert rl_config_from_args(parse([])).routing_replay == "none"
+    assert rl_config_from_args(parse(["--rl-routing-replay", "r3"])).routing_replay == "r3"
+    with pytest.raises(SystemExit):
+        parse(["--rl-routing-replay", "r4"])
+    with pytest.raises(ValueError, match=r"RLConfig.routing_replay='R3'; valid: none, r2, r3"):
+        RLConfig(routing_replay="R3").validate()

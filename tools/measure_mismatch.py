@@ -7,6 +7,8 @@ For each dtype the checkpoint is loaded into Megatron (through the bridge, as th
 and into vLLM (as the rollout sees it); vLLM samples, Megatron re-scores the same tokens, and the
 mismatch metrics are written to DIR/mismatch.json with plots (DIR/token_probs.png,
 DIR/seq_log_ratio.png) and printed as a table. See docs/fp16.md, "Reading the mismatch report".
+For MoE checkpoints the table adds router agreement, and ``--routing-replay`` adds a DTYPE+r3 column:
+the same samples re-scored with the engine's routes replayed (docs/rollout.md, "Routing replay").
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=positive_int, default=48, help="tokens sampled per prompt (default 48)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--routing-replay", action="store_true",
+                   help="MoE checkpoints: re-score the same samples replaying the engine's routes (R3) and "
+                        "report both, as columns DTYPE and DTYPE+r3 (router agreement is reported for MoE "
+                        "checkpoints either way)")
     return p
 
 
@@ -47,6 +53,9 @@ def main(argv=None) -> int:
         dtypes = report.parse_dtypes(args.dtypes)
         arch = parse_hf_config(read_config_json(args.hf_dir))
         check_layout(arch, tp=args.tp, pp=1, ep=1)  # before any rank starts
+        if args.routing_replay and not arch.is_moe:
+            raise ValueError(f"--routing-replay: {args.hf_dir} is a dense model ({arch.family}), it has "
+                             "no router to replay; valid with Qwen3-MoE and Mixtral checkpoints")
         results = {}
         for dtype in dtypes:
             start = time.monotonic()
@@ -55,9 +64,12 @@ def main(argv=None) -> int:
             per_rank = run_on_ranks(
                 report.measure_rank, args.tp, args.hf_dir, dtype, tp=args.tp,
                 num_prompts=args.num_prompts, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
-                temperature=args.temperature, seed=args.seed, timeout=3600,
+                temperature=args.temperature, seed=args.seed, routing_replay=args.routing_replay, timeout=3600,
             )
+            replayed = per_rank[0].pop("r3", None)
             results[dtype] = per_rank[0]
+            if replayed is not None:
+                results[f"{dtype}+r3"] = replayed
             print(f"[mismatch] {dtype}: {per_rank[0]['tokens']} tokens in {time.monotonic() - start:.0f} s",
                   file=sys.stderr, flush=True)
         table = report.write_report(results, args.out, title=os.path.basename(os.path.abspath(args.hf_dir)))

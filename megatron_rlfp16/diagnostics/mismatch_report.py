@@ -43,10 +43,15 @@ def make_prompts(vocab_size: int, num_prompts: int, prompt_len: int, seed: int) 
 
 
 def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16, prompt_len: int = 16,
-                 max_tokens: int = 48, temperature: float = 1.0, seed: int = 0) -> Dict:
-    """One dtype, run on every rank of a world of ``tp`` ranks. Returns metrics and per-token data."""
+                 max_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
+                 routing_replay: bool = False) -> Dict:
+    """One dtype, run on every rank of a world of ``tp`` ranks. Returns metrics and per-token data.
+
+    For an MoE checkpoint the engine also returns its routes and the metrics include router
+    agreement; with ``routing_replay`` the same samples are re-scored a second time replaying the
+    engine's routes (R3), returned under ``"r3"``."""
+    from megatron_rlfp16.megatron import routing
     from megatron_rlfp16.megatron.recompute import compute_logprobs
-    from megatron_rlfp16.mismatch import mismatch_metrics
     from megatron_rlfp16.plan import build_engine, build_model, resolve_plan
     from megatron_rlfp16.plan.build import init_runtime
     from megatron_rlfp16.precision import PrecisionConfig
@@ -59,18 +64,43 @@ def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16,
         hf_dir=hf_dir, parallel=ParallelConfig(tp=tp), precision=PrecisionConfig(trainer=dtype),
         rollout=RolloutConfig(tp=tp, seed=seed, max_model_len=prompt_len + max_tokens + 1, load_format="auto"),
     ), hf_config=None)
+    if routing_replay and not plan.arch.is_moe:
+        raise ValueError(f"--routing-replay: {hf_dir} is a dense model ({plan.arch.family}), it has no "
+                         "router to replay")
     init_runtime(plan, seed=seed)
     model = build_model(plan)
     model.eval()
     arch = plan.arch
+    hub = routing.install(model) if plan.rollout.return_routes else None
     engine = build_engine(plan)
     prompts = make_prompts(arch.vocab_size, num_prompts, prompt_len, seed)
     batch = engine.generate(prompts, temperature=temperature, max_tokens=max_tokens, seed=seed)
     tokens, mask, rollout = batch.to_tensors(pad_to_multiple=plan.seq_multiple)
-    train = compute_logprobs(model, [dict(input_ids=tokens)], vocab_size=arch.vocab_size,
-                             temperature=temperature)
+    micro = dict(input_ids=tokens)
+    if hub is not None:
+        micro[routing.ROUTES_KEY] = batch.routes_tensor(tokens.shape[1])
+
+    def score(replay: bool) -> Dict:
+        if hub is not None:
+            hub.phase(replay=replay, compare=True)
+        train = compute_logprobs(model, [micro], vocab_size=arch.vocab_size, temperature=temperature)
+        agreement = hub.agreement() if hub is not None else {}
+        if hub is not None:
+            hub.finish()
+        return _result(train, rollout, mask, agreement)
+
+    result = score(replay=False)
+    if routing_replay:
+        result["r3"] = score(replay=True)
     engine.close()  # last: vLLM's teardown also ends the process group
+    return result
+
+
+def _result(train, rollout, mask, agreement) -> Dict:
+    from megatron_rlfp16.mismatch import mismatch_metrics
+
     metrics = {k: float(v) for k, v in mismatch_metrics(train, rollout, mask).items()}
+    metrics.update(agreement)
     m = mask.bool()
     seq_ratio = ((train - rollout) * mask).sum(-1)
     return dict(metrics=metrics, train_prob=train[m].exp(), rollout_prob=rollout[m].exp(),
@@ -91,10 +121,12 @@ def format_table(summary: Dict[str, Dict[str, float]]) -> str:
 
     keys = ["prob_diff_mean", "prob_diff_max", "logprob_diff_abs_mean", "kl_k3", "seq_log_ratio_abs_mean",
             "ratio_max", "pearson_prob"]
+    keys += [k for k in ("router/agreement", "router/tokens_disagree") if any(k in m for m in summary.values())]
     dtypes = list(summary)
-    lines = [f"{'metric':<26}" + "".join(f"{d:>14}" for d in dtypes)]
+    width = max([14] + [len(d) + 2 for d in dtypes])
+    lines = [f"{'metric':<26}" + "".join(f"{d:>{width}}" for d in dtypes)]
     for k in keys:
-        lines.append(f"{k:<26}" + "".join(f"{summary[d].get(k, float('nan')):>14.3e}" for d in dtypes))
+        lines.append(f"{k:<26}" + "".join(f"{summary[d].get(k, float('nan')):>{width}.3e}" for d in dtypes))
     fp16, bf16 = Precision.FP16.vllm_dtype, Precision.BF16.vllm_dtype
     if fp16 in summary and bf16 in summary and summary[fp16]["prob_diff_mean"] > 0:
         ratio = summary[bf16]["prob_diff_mean"] / summary[fp16]["prob_diff_mean"]

@@ -42,6 +42,10 @@ class RLConfig:
     temperature: float = 1.0
     """Sampling temperature of the rollout; the trainer scores log-probs at the same temperature
     (softmax(logits / T)) so that every ratio compares the same distribution."""
+    routing_replay: str = "none"
+    """MoE routing replay (``megatron_rlfp16.routing``): "none" (the trainer routes itself), "r2"
+    (the updates replay the experts the trainer's π_old pass chose), "r3" (every trainer forward
+    replays the experts the rollout engine chose). Dense models: "none" only."""
 
     def validate(self) -> "RLConfig":
         self.loss.validate()
@@ -52,6 +56,9 @@ class RLConfig:
             )
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"RLConfig.group_size={self.group_size!r} is invalid; valid: an int >= 1")
+        from megatron_rlfp16.routing import check_replay_mode
+
+        check_replay_mode(self.routing_replay, field="RLConfig.routing_replay")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(
                 f"RLConfig.temperature={self.temperature!r} is invalid; valid: a finite number > 0"
@@ -87,6 +94,7 @@ _RL_FLAGS = {
     "advantage_estimator": "--rl-advantage-estimator",
     "group_size": "--rl-group-size",
     "temperature": "--rl-temperature",
+    "routing_replay": "--rl-routing-replay",
 }
 
 
@@ -132,6 +140,9 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rl-group-size", "group_size", "responses sampled per prompt", type=positive_int)
     add("--rl-temperature", "temperature", "sampling temperature; log-probs are scored at the same T",
         type=float)
+    add("--rl-routing-replay", "routing_replay", "MoE routing replay: none, r2 (updates replay the "
+        "trainer's pi_old routing), r3 (every trainer forward replays the rollout engine's routing)",
+        choices=("none", "r2", "r3"))
     return parser
 
 

@@ -61,8 +61,12 @@ def build_optimizer(ddp_model, plan: RunPlan):
 
 
 def build_engine(plan: RunPlan):
+    import os
+
     from megatron_rlfp16.rollout import RolloutEngine
 
+    for key, value in plan.engine_env.items():
+        os.environ.setdefault(key, value)  # a value the user set stands
     return RolloutEngine(plan.hf_dir, plan.rollout, engine_kwargs=dict(plan.engine_kwargs))
 
 
@@ -73,6 +77,10 @@ def build_run(plan: RunPlan, *, seed: int = 0, model=None, engine: bool = True) 
     if model is None:
         model = build_model(plan)
     ddp = wrap_model(model, plan)
+    if plan.rollout.return_routes or plan.routing_replay != "none":
+        from megatron_rlfp16.megatron import routing
+
+        routing.install(ddp)  # replay hooks on the routers (agreement is measured with routes)
     optimizer, stepper = build_optimizer(ddp, plan)
     return RunObjects(model=ddp, optimizer=optimizer, stepper=stepper,
                       engine=build_engine(plan) if engine else None)

@@ -72,6 +72,12 @@ class RunPlan:
     """The trainer's state leaves the device while the engine samples (``runtime.offload``)."""
     memory: MemoryPlan
     """Bytes per rank and phase (``plan.memory``); checked against the device before anything is built."""
+    routing_replay: str = "none"
+    """MoE routing replay ("none", "r2", "r3"; ``megatron_rlfp16.routing``)."""
+    engine_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Environment the engine is started with (set where not already set): for FP16 MoE rollouts
+    ``VLLM_USE_FLASHINFER_MOE_FP16=0``, off FlashInfer's FP16 MoE kernels, known to corrupt FP16
+    outputs (GPU only; docs/fp16.md)."""
 
     def describe(self) -> dict:
         """A JSON-able summary (printed by dry runs, stored beside checkpoints)."""
@@ -91,6 +97,8 @@ class RunPlan:
             export_dtype=Precision.parse(self.export_dtype).value, sync_bucket_bytes=self.sync_bucket_bytes,
             distributed_optimizer=self.distributed_optimizer, recompute=self.recompute, attention=self.attention,
             offload=self.offload, memory=self.memory.describe(),
+            routing=dict(replay=self.routing_replay, engine_routes=bool(self.rollout.return_routes)),
+            engine_env=dict(self.engine_env),
         )
 
 
@@ -162,6 +170,9 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
             f"(LOCAL_WORLD_SIZE): each colocated engine's TP group must stay inside one node; valid: a "
             f"divisor of {local}"
         )
+    routing_replay = _check_routing(config, arch, rollout)
+    rollout = dataclasses.replace(rollout, return_routes=arch.is_moe if rollout.return_routes is None
+                                  else rollout.return_routes)
     if config.run.max_new_tokens >= rollout.max_model_len:
         raise ValueError(
             f"RunConfig.max_new_tokens={config.run.max_new_tokens} leaves no room for a prompt within "
@@ -202,5 +213,26 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         group_size=config.rl.group_size, temperature=config.rl.temperature, rl_loss=config.rl.loss,
         distributed_optimizer=distributed, recompute=memory_config.recompute, attention=attention,
         offload=resolved_offload(memory_config), memory=memory,
+        routing_replay=routing_replay, engine_env=types.MappingProxyType(_engine_env(arch, precision)),
         **batch,
     )
+
+
+def _check_routing(config, arch: ModelArch, rollout: RolloutConfig) -> str:
+    mode = config.rl.routing_replay
+    if mode == "none":
+        return mode
+    if not arch.is_moe:
+        raise ValueError(f"RLConfig.routing_replay={mode!r}: {arch.family} is a dense model, it has no "
+                         "router to replay; valid: 'none'")
+    if mode == "r3" and rollout.return_routes is False:
+        raise ValueError("RLConfig.routing_replay='r3' replays the rollout engine's routes, but "
+                         "RolloutConfig.return_routes=False turns them off; valid: return_routes None or "
+                         "True with r3, or routing_replay 'r2' / 'none'")
+    return mode
+
+
+def _engine_env(arch: ModelArch, precision: PrecisionConfig) -> dict:
+    if arch.is_moe and precision.rollout_precision == Precision.FP16:
+        return {"VLLM_USE_FLASHINFER_MOE_FP16": "0"}
+    return {}

@@ -42,10 +42,10 @@ class RolloutConfig:
     """How the engine gets its first weights: "auto" reads the HF checkpoint, "dummy" starts from
     random ones without reading it (only right when a refit comes before the first generation, as the
     trainer's does). None: the run plan's choice ("dummy" for the trainer), "auto" standalone."""
-    return_routes: bool = False
+    return_routes: Optional[bool] = None
     """Capture the experts every MoE layer routed each token to (``RolloutBatch.routes``, see
     ``megatron_rlfp16.routing``): what routing replay (R3) replays and what router agreement is
-    measured against. The run plan turns it on for MoE models."""
+    measured against. None: the run plan's choice (on for MoE models), off standalone."""
     dtype: Optional[str] = None
     """Deprecated: the precision comes from ``PrecisionConfig``. Accepted when it agrees with the
     ``engine_kwargs`` dtype (any spelling ``Precision.parse`` reads), refused when it does not."""
@@ -60,6 +60,8 @@ class RolloutConfig:
             from megatron_rlfp16.precision import Precision
 
             Precision.parse(self.dtype, field="RolloutConfig.dtype")
+        if self.return_routes not in (None, True, False):
+            raise ValueError(f"RolloutConfig.return_routes={self.return_routes!r}; valid: None, True, False")
         if self.load_format not in (None, "auto", "dummy"):
             raise ValueError(f"RolloutConfig.load_format={self.load_format!r}; valid: None, 'auto', 'dummy'")
         if self.sleep_level not in (1, 2):
@@ -155,7 +157,7 @@ class RolloutEngine:
         self.num_replicas = world // config.tp
         self.replica_rank = rank // config.tp
         self.routes = None
-        if config.return_routes:
+        if config.return_routes:  # None (unresolved) is off
             from megatron_rlfp16.rollout.routes import RouteCapture
 
             layers = self.llm.llm_engine.vllm_config.model_config.get_total_num_hidden_layers()

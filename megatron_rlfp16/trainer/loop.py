@@ -105,7 +105,7 @@ class Trainer:
         )
         if self.offloader:
             metrics["memory/offloaded_gib"] = offloaded / 2**30
-        metrics.update({f"mismatch/{k}": float(v) for k, v in mismatch.items()})
+        metrics.update({k if k.startswith("router/") else f"mismatch/{k}": float(v) for k, v in mismatch.items()})
         return metrics
 
     # ---- the stages -------------------------------------------------------------------------
@@ -197,21 +197,37 @@ class Trainer:
         mine = self._dp_slice(len(batch))
         tensors = dict(input_ids=tokens[mine], loss_mask=mask[mine], rollout_logprobs=rollout_lp[mine],
                        advantages=advantages[mine])
+        if batch.routes is not None:  # the engine's experts, for replay (R3) and router agreement
+            tensors["routes"] = batch.routes_tensor(tokens.shape[1])[mine]
         return split(tensors, self.plan.micro_batch_size), dict(tensors, mask=mask)
 
     def old_logprobs(self, micro, tensors) -> Dict[str, torch.Tensor]:
         """π_old by the trainer (unless bypassed), written into the micro-batches; returns the
         trainer-vs-rollout mismatch metrics of this rank's samples."""
+        from megatron_rlfp16.megatron import routing
         from megatron_rlfp16.megatron.recompute import compute_logprobs
         from megatron_rlfp16.mismatch import mismatch_metrics
 
-        old = compute_logprobs(self.model, [dict(input_ids=m["input_ids"]) for m in micro],
+        hub, mode = routing.replay_of(self.model), self.plan.routing_replay
+        with_routes = "routes" in tensors
+        if hub is not None:  # R3 replays the engine's routes; R2 records the trainer's own
+            hub.phase(replay=mode == "r3", record=mode == "r2", compare=with_routes)
+        keys = ("input_ids", routing.ROUTES_KEY) if with_routes else ("input_ids",)
+        old = compute_logprobs(self.model, [{k: m[k] for k in keys} for m in micro],
                                vocab_size=self.arch.vocab_size, temperature=self.plan.temperature)
+        metrics = mismatch_metrics(old, tensors["rollout_logprobs"], tensors["loss_mask"])
+        if hub is not None:
+            if with_routes:
+                metrics.update(hub.agreement())
+            if mode == "r2":
+                for m, own in zip(micro, hub.recorded()):
+                    m[routing.OWN_ROUTES_KEY] = own
+            hub.finish()
         if self.config.run.recompute_old_logprobs:
             size = self.plan.micro_batch_size
             for k, m in enumerate(micro):
                 m["old_logprobs"] = old[k * size:(k + 1) * size]
-        return mismatch_metrics(old, tensors["rollout_logprobs"], tensors["loss_mask"])
+        return metrics
 
     def update(self, micro) -> Dict[str, float]:
         """The policy updates: one optimizer step per mini-batch; metrics averaged over them."""
@@ -220,9 +236,18 @@ class Trainer:
         per = self.plan.micro_batches_per_update
         groups = [micro[i:i + per] for i in range(0, len(micro), per)]
         metrics: Dict[str, float] = {}
+        from megatron_rlfp16.megatron import routing
+
+        hub = routing.replay_of(self.model) if self.plan.routing_replay != "none" else None
         for group in groups:
-            out = train_step(self.model, group, self.config.rl.loss, vocab_size=self.arch.vocab_size,
-                             temperature=self.plan.temperature)
+            if hub is not None:
+                hub.phase(replay=True)
+            try:
+                out = train_step(self.model, group, self.config.rl.loss, vocab_size=self.arch.vocab_size,
+                                 temperature=self.plan.temperature)
+            finally:
+                if hub is not None:
+                    hub.finish()
             step_out = self.stepper.step()
             for k, v in {**out, **step_out}.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(groups)
@@ -365,6 +390,7 @@ def resume_settings(plan) -> Dict[str, object]:
         "model": f"{a.family} L{a.num_layers} H{a.hidden_size} V{a.vocab_size} E{a.num_experts or 0}",
         "loss": loss.loss,
         "layout": f"tp={p.tp} pp={p.pp} ep={p.ep}" + (f" etp={p.etp}" if p.etp != p.tp else ""),
+        "routing_replay": plan.routing_replay,
     }
 
 

@@ -58,7 +58,7 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
         if self._bar is not None:
-            shown = {k: record[k] for k in ("reward", "mismatch/prob_diff_mean", "loss_scale") if k in record}
+            shown = {k: record[k] for k in ("reward", "mismatch/prob_diff_mean", "router/agreement", "loss_scale") if k in record}
             self._bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
             self._bar.update(1)
 
