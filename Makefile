@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/logprob_bench.py --json runs/bench/logprob.json
 	$(PY) bench/guard_bench.py --json runs/bench/guard.json
 	$(PY) bench/refit_bench.py --json runs/bench/refit.json
+	$(PY) bench/routing_bench.py --json runs/bench/routing.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -17,7 +17,9 @@ runs whatever happened:
 - ``memory``: half of Qwen3-8B (18 layers, about one TP=2 rank's 4.6 B parameters; a tiny model with
   ``--dry-run``) built for real with random weights, its memory after each phase (weights, gradient
   buffers and optimizer state after a step, activations of one 2,048-token micro-batch) next to the
-  memory plan's figures.
+  memory plan's figures;
+- ``routing_replay``: the Megatron side of MoE routing replay on the device (random routes through
+  the π_old pass and a train step; routing maps and log-probs against transformers routed alike).
 """
 from __future__ import annotations
 
@@ -223,8 +225,70 @@ def section_memory(args):
     return out
 
 
+def section_routing_replay(args):
+    """The Megatron side of routing replay on the device: random routes replayed through the π_old
+    pass and one FP16 train step; every router call's routing map must equal the routes, and the
+    replayed log-probs must equal transformers' MoE blocks forced to the same experts (FP32)."""
+    import tempfile
+
+    import torch
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_rlfp16.bridge import load_hf_checkpoint
+    from megatron_rlfp16.losses import PolicyLossConfig
+    from megatron_rlfp16.megatron import compute_logprobs, routing, train_step, wrap_ddp
+    from megatron_rlfp16.models import build_model, read_config_json
+    from megatron_rlfp16.testing.routing import hf_model_routed_by, random_routes
+    from megatron_rlfp16.testing.tiny import make_tiny_model
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = make_tiny_model("qwen3_moe", os.path.join(tmp, "moe"), seed=3)
+        model, arch = build_model(read_config_json(hf))
+        model = model.to(_device())
+        load_hf_checkpoint(model, arch, hf)
+        ddp = wrap_ddp(model)
+        hub = routing.install(ddp)
+        b, s = 4, 32
+        ids = (torch.arange(b * s).reshape(b, s) * 13 + 5) % arch.vocab_size
+        routes = random_routes(b, s, arch.num_layers, arch.moe_topk, arch.num_experts, seed=4, lengths=[s] * b)
+        seen = []
+        for m in model.modules():
+            if isinstance(m, TopKRouter):
+                m.register_forward_hook(lambda mod, a, o: seen.append((mod.layer_number - 1, o[1].cpu())))
+        hub.phase(replay=True, compare=True)
+        start = time.perf_counter()
+        old = compute_logprobs(ddp, [dict(input_ids=ids, routes=routes)], vocab_size=arch.vocab_size).cpu()
+        out["pi_old_seconds"] = round(time.perf_counter() - start, 4)
+        out.update(hub.agreement())
+        hub.finish()
+        mask = torch.ones(b, s - 1)
+        hub.phase(replay=True)
+        start = time.perf_counter()
+        train_step(ddp, [dict(input_ids=ids, routes=routes, loss_mask=mask, advantages=torch.ones(b),
+                              old_logprobs=old, rollout_logprobs=old)], PolicyLossConfig(),
+                   vocab_size=arch.vocab_size)
+        out["train_step_seconds"] = round(time.perf_counter() - start, 4)
+        hub.finish()
+        rows = routes.transpose(0, 1)
+        wrong = 0
+        for layer, chosen_map in seen:
+            want = rows[:, :, layer].reshape(-1, arch.moe_topk).long().sort(1).values
+            chosen = chosen_map.to(torch.int8).topk(arch.moe_topk, dim=1).indices.sort(1).values
+            valid = want[:, 0] >= 0
+            wrong += int((chosen[valid] != want[valid]).any(1).sum())
+        out["router_calls"], out["rows_not_replayed"] = len(seen), wrong
+        reference, set_routes = hf_model_routed_by(hf)
+        set_routes(routes)
+        with torch.no_grad():
+            lp = torch.log_softmax(reference(ids).logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        out["logprob_max_abs_diff_vs_routed_transformers"] = float((old[:, : s - 2] - lp[:, : s - 2]).abs().max())
+    out["ok"] = out["rows_not_replayed"] == 0 and out["logprob_max_abs_diff_vs_routed_transformers"] < 1e-3
+    return out
+
+
 SECTIONS = [section_environment, section_parity, section_fp16_mechanics, section_logprobs, section_offload,
-            section_memory]
+            section_memory, section_routing_replay]
 
 
 def main(argv=None) -> int:

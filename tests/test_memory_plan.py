@@ -306,8 +306,9 @@ def test_the_gpu_smoke_check_dry_runs_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=600)
     records = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
     assert [r["section"] for r in records] == ["environment", "parity", "fp16_mechanics", "logprobs", "offload",
-                                               "memory"]
+                                               "memory", "routing_replay"]
     assert proc.returncode == 0 and all(r["ok"] for r in records), proc.stdout + proc.stderr[-3000:]
     by = {r["section"]: r for r in records}
     assert by["fp16_mechanics"]["plain_optimizer"]["skipped_steps"] == [0.0, 1.0, 1.0]
     assert by["memory"]["state_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert by["routing_replay"]["rows_not_replayed"] == 0 and by["routing_replay"]["router_calls"] == 4

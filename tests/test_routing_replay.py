@@ -16,6 +16,7 @@ parallelism, PP=2 and EP=2 (one 2-rank job), and TP=2 × EP=2 with whole experts
 """
 import pytest
 import torch
+import torch.distributed as dist
 
 from megatron_rlfp16.losses import PolicyLossConfig, policy_loss
 from megatron_rlfp16.testing.distributed import run_on_ranks
@@ -94,29 +95,59 @@ def _worker(dirs, layouts):
             if cfg.sequence_parallel:
                 per = S // tp
                 rows = rows[ps.get_tensor_model_parallel_rank() * per:][:per]
-            wrong, checked, kinds = 0, 0, set()
+            wrong, checked, kinds, calls = 0, 0, set(), len(seen)
+            layers = sorted({c[0] for c in seen})
             for layer, backward, chosen in seen:
                 want = rows[:, :, layer].reshape(-1, cfg.moe_router_topk).long()
                 given = want[:, 0] >= 0
                 wrong += int((chosen[given] != want[given].sort(dim=1).values).any(dim=1).sum())
                 checked += int(given.sum())
                 kinds.add(backward)
+            grads = _grads(model, arch)
+
+            # R2: the π_old pass records the routers' own choice; the update replays it even after the
+            # routers have moved (here: their weights shuffled between the two passes).
+            hub.phase(record=True)
+            compute_logprobs(ddp, [dict(input_ids=mb["input_ids"])], vocab_size=arch.vocab_size)
+            recorded = hub.recorded()
+            hub.finish()
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, TopKRouter):
+                        m.weight.copy_(m.weight.flip(0))
+            seen.clear()
+            hub.phase(replay=True)
+            own = dict(mb, old_logprobs=old, rollout_logprobs=old, own_routes=recorded[0])
+            train_step(ddp, [own], CONFIG, vocab_size=arch.vocab_size)
+            hub.finish()
+            r2_wrong = sum(int((chosen != recorded[0][layer].sort(dim=1).values).any(dim=1).sum())
+                           for layer, backward, chosen in seen)
             results[family, layout] = dict(
-                old=old.clone(), agreement=agreement, wrong=wrong, checked=checked, calls=len(seen),
-                backward_seen=True in kinds, layers=sorted({s[0] for s in seen}),
-                grads=_grads(model, arch))
+                old=old.clone(), agreement=agreement, wrong=wrong, checked=checked, calls=calls,
+                backward_seen=True in kinds, layers=layers, grads=grads,
+                r2_wrong=r2_wrong, r2_calls=len(seen), r2_recorded=len(recorded))
+    if dist.get_world_size() == 2:  # a dense model has nothing to replay
+        init_runtime(ParallelConfig())
+        dense, _ = build_model(read_config_json(dirs["llama"]))
+        try:
+            routing.install(dense)
+            results["dense"] = None
+        except ValueError as err:
+            results["dense"] = str(err)
     return results
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("replay")
-    dirs = {f: make_tiny_model(f, str(root / f), seed=2) for f in MOE_FAMILIES}
+    dirs = {f: make_tiny_model(f, str(root / f), seed=2) for f in (*MOE_FAMILIES, "llama")}
     per_rank = run_on_ranks(_worker, 2, dirs, LAYOUTS, timeout=900)
     folded = run_on_ranks(_worker, 4, dirs, FOLDED, timeout=900)
     cases = {key: [r[key] for r in ranks] for ranks in (per_rank, folded) for key in ranks[0]}
+    cases["dense"] = cases["dense"][0]
     reference = {}
-    for family, hf_dir in dirs.items():
+    for family in MOE_FAMILIES:
+        hf_dir = dirs[family]
         model, set_routes = hf_model_routed_by(hf_dir)
         cfg = model.config
         mb = batch(cfg.num_hidden_layers, cfg.num_experts_per_tok,
@@ -163,3 +194,18 @@ def test_replayed_logprobs_and_gradients_equal_the_routed_reference(runs, family
     routers = [n for n in grads if n.endswith("gate.weight")]
     assert routers and all(grads[n].abs().sum() > 0 for n in routers)  # the router learns through replay
 
+
+
+@pytest.mark.parametrize("family,layout", CASES)
+def test_r2_replays_the_routing_recorded_in_the_old_logprob_pass(runs, family, layout):
+    cases, _ = runs
+    for r in cases[family, layout]:
+        assert r["r2_recorded"] == 1  # one micro-batch
+        assert r["r2_calls"] == (2 if layout == "tp1_recompute" else 1) * len(r["layers"])  # update (+ recompute)
+        assert r["r2_wrong"] == 0
+
+
+def test_replay_on_a_dense_model_is_refused(runs):
+    cases, _ = runs
+    assert cases["dense"] == ("routing replay needs a mixture-of-experts model; this model has no MoE router "
+                              "(routing_replay: use 'none' for dense models)")

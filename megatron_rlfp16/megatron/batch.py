@@ -14,6 +14,8 @@ the layout of ``RolloutBatch.to_tensors``):
 | ``ref_logprobs`` | if ``kl_coef != 0`` | ``[B, S-1]`` | log π_ref |
 | ``position_ids`` | no | ``[B, S]`` | default ``arange(S)`` per row |
 | ``attention_mask`` | no | ``[1, 1, S, S]`` | Megatron boolean mask (True = masked); default causal |
+| ``routes`` | for R3 | ``[B, S, L, K]`` | the rollout engine's experts per token and layer (``megatron_rlfp16.routing``) |
+| ``own_routes`` | for R2 | per layer ``[rows, K]`` | the routers' own choice, recorded in the π_old pass (``megatron.routing``) |
 
 Right padding needs no padding mask: with a causal mask no real token attends to a later pad.
 Every micro-batch of a step has the same ``[B, S]``: the pipeline schedule communicates activations

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_rlfp16.routing import NO_ROUTE, agreement_metrics, check_routes, same_expert_sets
+from megatron_rlfp16.routing import agreement_metrics, check_routes, same_expert_sets
 
 ROUTES_KEY = "routes"
 """Micro-batch key of the rollout engine's routes ``[B, S, L, K]``."""

@@ -61,13 +61,14 @@ def build_optimizer(ddp_model, plan: RunPlan):
 
 
 def build_engine(plan: RunPlan):
-    import os
+    import torch
 
     from megatron_rlfp16.rollout import RolloutEngine
 
-    for key, value in plan.engine_env.items():
-        os.environ.setdefault(key, value)  # a value the user set stands
-    return RolloutEngine(plan.hf_dir, plan.rollout, engine_kwargs=dict(plan.engine_kwargs))
+    kwargs = dict(plan.engine_kwargs)
+    if torch.cuda.is_available():
+        kwargs.update(plan.engine_gpu_kwargs)
+    return RolloutEngine(plan.hf_dir, plan.rollout, engine_kwargs=kwargs)
 
 
 def build_run(plan: RunPlan, *, seed: int = 0, model=None, engine: bool = True) -> RunObjects:

@@ -74,10 +74,10 @@ class RunPlan:
     """Bytes per rank and phase (``plan.memory``); checked against the device before anything is built."""
     routing_replay: str = "none"
     """MoE routing replay ("none", "r2", "r3"; ``megatron_rlfp16.routing``)."""
-    engine_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    """Environment the engine is started with (set where not already set): for FP16 MoE rollouts
-    ``VLLM_USE_FLASHINFER_MOE_FP16=0``, off FlashInfer's FP16 MoE kernels, known to corrupt FP16
-    outputs (GPU only; docs/fp16.md)."""
+    engine_gpu_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """vLLM engine arguments added on a GPU only: for FP16 MoE rollouts ``moe_backend="triton"``,
+    which keeps vLLM off FlashInfer's MoE kernels (its first choice for unquantized MoE on most
+    GPUs; reported to corrupt FP16 outputs, docs/fp16.md). On CPU vLLM's own CPU MoE kernel runs."""
 
     def describe(self) -> dict:
         """A JSON-able summary (printed by dry runs, stored beside checkpoints)."""
@@ -98,7 +98,7 @@ class RunPlan:
             distributed_optimizer=self.distributed_optimizer, recompute=self.recompute, attention=self.attention,
             offload=self.offload, memory=self.memory.describe(),
             routing=dict(replay=self.routing_replay, engine_routes=bool(self.rollout.return_routes)),
-            engine_env=dict(self.engine_env),
+            engine_gpu_kwargs=dict(self.engine_gpu_kwargs),
         )
 
 
@@ -213,7 +213,8 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         group_size=config.rl.group_size, temperature=config.rl.temperature, rl_loss=config.rl.loss,
         distributed_optimizer=distributed, recompute=memory_config.recompute, attention=attention,
         offload=resolved_offload(memory_config), memory=memory,
-        routing_replay=routing_replay, engine_env=types.MappingProxyType(_engine_env(arch, precision)),
+        routing_replay=routing_replay,
+        engine_gpu_kwargs=types.MappingProxyType(_engine_gpu_kwargs(arch, precision)),
         **batch,
     )
 
@@ -232,7 +233,7 @@ def _check_routing(config, arch: ModelArch, rollout: RolloutConfig) -> str:
     return mode
 
 
-def _engine_env(arch: ModelArch, precision: PrecisionConfig) -> dict:
+def _engine_gpu_kwargs(arch: ModelArch, precision: PrecisionConfig) -> dict:
     if arch.is_moe and precision.rollout_precision == Precision.FP16:
-        return {"VLLM_USE_FLASHINFER_MOE_FP16": "0"}
+        return {"moe_backend": "triton"}
     return {}

@@ -37,7 +37,8 @@ class RolloutConfig:
     a copy in host memory (the engine can then generate again without a refit)."""
     enforce_eager: Optional[bool] = None
     """Run the engine without CUDA graphs. None: eager on CPU, CUDA graphs for decoding on GPU (the
-    refit writes the weights in place, so the captured graphs stay valid)."""
+    refit writes the weights in place, so the captured graphs stay valid) unless routes are captured
+    (``return_routes``: eager, as the capture binds after vLLM captures its graphs)."""
     load_format: Optional[str] = None
     """How the engine gets its first weights: "auto" reads the HF checkpoint, "dummy" starts from
     random ones without reading it (only right when a refit comes before the first generation, as the
@@ -83,6 +84,19 @@ class RolloutConfig:
         )
 
 
+def _eager(config: RolloutConfig, on_gpu: bool) -> bool:
+    """CUDA graphs are captured while vLLM starts, before the route capture can bind to the routers,
+    so a graph would replay decoding without it: capturing routes runs the engine eagerly."""
+    if config.return_routes and on_gpu:
+        if config.enforce_eager is False:
+            raise ValueError("RolloutConfig.enforce_eager=False with return_routes: CUDA graphs are captured "
+                             "before the route capture binds to the routers and would decode without it; "
+                             "valid: enforce_eager None or True with return_routes (MoE routing replay "
+                             "and router agreement), or return_routes=False")
+        return True
+    return not on_gpu if config.enforce_eager is None else config.enforce_eager
+
+
 def engine_dtype(config: RolloutConfig, engine_kwargs: Optional[dict]) -> str:
     """vLLM's dtype: ``engine_kwargs["dtype"]`` (the precision's), else the deprecated
     ``RolloutConfig.dtype``, else FP16 (``PrecisionConfig``'s default); both given and different is
@@ -123,7 +137,7 @@ class RolloutEngine:
             model=hf_dir,
             dtype=dtype,
             skip_tokenizer_init=True,
-            enforce_eager=not on_gpu if config.enforce_eager is None else config.enforce_eager,
+            enforce_eager=_eager(config, on_gpu),
             max_model_len=config.max_model_len,
             seed=config.seed,
             tensor_parallel_size=config.tp,

@@ -6,7 +6,8 @@ capture callback all the same (``BaseRouter.set_capture_fn``, the hook vLLM's ow
 :class:`RouteCapture` binds its own, on the engine that lives in this process:
 
 - every MoE layer writes its top-k ids into one persistent buffer ``[tokens, layers, top-k]`` (a
-  device copy, valid inside a CUDA graph as vLLM's own capturer is);
+  device copy; the engine runs eagerly while capturing, since vLLM captures its CUDA graphs before
+  this binds, see ``RolloutConfig.enforce_eager``);
 - after the runner prepares each step's inputs, the rows of the previous step are copied out with
   which request and which positions they belong to (request order, scheduled counts and the number
   of tokens each request had computed before the step);
