@@ -37,7 +37,7 @@ setup(
         "cpu": CPU,
         "gpu": GPU,
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "peft==0.21.2"],  # peft: the LoRA tests' independent reference
     },
     license="Apache-2.0",
 )

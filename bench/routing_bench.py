@@ -53,6 +53,7 @@ def job(rounds: int, threads: int) -> Dict:
     from megatron_rlfp16.losses import PolicyLossConfig
     from megatron_rlfp16.megatron import compute_logprobs, routing, train_step, wrap_ddp
     from megatron_rlfp16.models import build_model, read_config_json
+    from megatron_rlfp16.precision import Precision
     from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
     from megatron_rlfp16.testing.tiny import make_tiny_model
@@ -64,7 +65,7 @@ def job(rounds: int, threads: int) -> Dict:
         model, arch = build_model(read_config_json(hf_dir))
         load_hf_checkpoint(model, arch, hf_dir)
         engine = RolloutEngine(hf_dir, RolloutConfig(tp=1, max_model_len=128, return_routes=True),
-                               engine_kwargs=dict(dtype="float32"))
+                               engine_kwargs=dict(dtype=Precision.FP32.vllm_dtype))
     ddp = wrap_ddp(model)
     routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
     hub = routing.install(ddp)

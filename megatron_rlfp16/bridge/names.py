@@ -24,8 +24,9 @@ _SEQUENTIAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
 def is_skipped(name: str) -> bool:
-    """State-dict entries that are not weights (TE/FP8 metadata)."""
-    return name.endswith("._extra_state") or "._extra_state" in name
+    """State-dict entries that are not base weights: TE/FP8 metadata, and LoRA adapters (``.lora.``;
+    ``megatron_rlfp16.lora`` exports them in PEFT's names)."""
+    return name.endswith("._extra_state") or "._extra_state" in name or ".lora." in name
 
 
 def to_canonical(name: str, *, layer_offset: int = 0, expert_offset: int = 0) -> Optional[str]:

@@ -6,6 +6,7 @@ has one file to read; ``tests/test_compat.py`` exercises each against the instal
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from typing import Iterable, Tuple
@@ -13,7 +14,7 @@ from typing import Iterable, Tuple
 import torch
 
 __all__ = [
-    "configure_in_process", "model_runner", "sample_of_request", "name_cpu_shm_per_run", "set_log_level", "quiet_expected_reload_warnings", "reload_weights",
+    "configure_in_process", "model_runner", "moe_layout", "note_each_step", "sample_of_request", "name_cpu_shm_per_run", "set_log_level", "quiet_expected_reload_warnings", "reload_weights",
     "rerun_expert_processing", "shutdown",
 ]
 
@@ -79,6 +80,43 @@ def model_runner(llm):
     """The in-process model runner of an ``LLM`` (0.32.0: ``llm.llm_engine.model_executor.
     driver_worker.worker.model_runner``; needs :func:`configure_in_process`)."""
     return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
+def moe_layout(llm) -> dict:
+    """What route capture needs to know of an in-process engine (vLLM 0.32): its MoE layers'
+    ``(layer index, router)`` pairs (routers take ``set_capture_fn``, the hook vLLM's own capturer
+    binds), the model's layer count and top-k, the prefix cache's block size and whether it is on,
+    the most tokens one step runs, and the model's device."""
+    from vllm.model_executor.layers.fused_moe.layer import MoERunner
+
+    runner = model_runner(llm)
+    config = llm.llm_engine.vllm_config
+    routers = [(int(m.layer_id), m.router) for m in runner.model.modules() if isinstance(m, MoERunner)]
+    return dict(routers=routers, num_layers=config.model_config.get_total_num_hidden_layers(),
+                topk=config.model_config.get_num_experts_per_tok(), block_size=int(config.cache_config.block_size),
+                prefix_caching=bool(config.cache_config.enable_prefix_caching),
+                max_tokens=int(config.scheduler_config.max_num_batched_tokens),
+                device=next(runner.model.parameters()).device)
+
+
+def note_each_step(llm, before, after) -> None:
+    """Calls ``before()`` when the model runner starts preparing a step's inputs and
+    ``after(request ids, tokens computed before the step, tokens scheduled)`` once they are ready,
+    in the order the step's rows are laid out (vLLM 0.32 ``GPUModelRunner._prepare_inputs``, which
+    the CPU runner inherits)."""
+    runner = model_runner(llm)
+    prepare = runner._prepare_inputs
+
+    def prepare_and_note(*args, **kwargs):
+        before()
+        out = prepare(*args, **kwargs)
+        batch = runner.input_batch
+        n = batch.num_reqs
+        after(list(batch.req_ids[:n]), batch.num_computed_tokens_cpu[:n].copy(),
+              runner.num_scheduled_tokens.np[:n].copy())
+        return out
+
+    runner._prepare_inputs = functools.wraps(prepare)(prepare_and_note)
 
 
 def sample_of_request(internal_id: str, n: int) -> Tuple[str, int]:

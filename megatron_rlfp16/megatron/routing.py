@@ -83,11 +83,11 @@ class RoutingReplay:
     """The model's routers and what they do in the current phase (see :meth:`phase`)."""
 
     def __init__(self, routers: Dict[int, object], *, num_layers: int, topk: int, num_experts: int,
-                 sequence_parallel: bool):
+                 sequence_shards: int):
         self.routers = routers  # global layer (0-based) -> router
         self.layers = {layer: _LayerReplay(self, layer) for layer in routers}
         self.num_layers, self.topk, self.num_experts = num_layers, topk, num_experts
-        self.sequence_parallel = sequence_parallel
+        self.sequence_shards = sequence_shards  # tensor-parallel ranks splitting the sequence (1: none)
         self.replaying = self.recording = self.comparing = False
         self._counts = torch.zeros(2, dtype=torch.float64)
         self._token_flags: Dict[int, torch.Tensor] = {}
@@ -133,9 +133,8 @@ class RoutingReplay:
         from megatron.core import parallel_state as ps
 
         rows = routes.transpose(0, 1)
-        tp = ps.get_tensor_model_parallel_world_size()
-        if self.sequence_parallel and tp > 1:
-            per = rows.shape[0] // tp
+        if self.sequence_shards > 1:
+            per = rows.shape[0] // self.sequence_shards
             rank = ps.get_tensor_model_parallel_rank()
             rows = rows[rank * per:(rank + 1) * per]
         return rows.long()
@@ -183,7 +182,7 @@ class RoutingReplay:
             layer_counts = layer_counts.cpu()
         packed = torch.cat([layer_counts, token_counts]).to(device())
         dist.all_reduce(packed, group=ps.get_data_parallel_group())
-        if self.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
+        if self.sequence_shards > 1:
             dist.all_reduce(packed, group=ps.get_tensor_model_parallel_group())
         equal, sets, disagree, tokens_n = packed.cpu().tolist()
         return agreement_metrics(equal, sets, disagree, tokens_n)
@@ -195,6 +194,7 @@ def install(model) -> RoutingReplay:
     from megatron.core.transformer.moe.router import TopKRouter
 
     from megatron_rlfp16.bridge.context import unwrap
+    from megatron_rlfp16.models.builder import model_sequence_multiple
 
     bare = unwrap(model)
     existing = getattr(bare, "_rlfp16_routing_replay", None)
@@ -216,7 +216,7 @@ def install(model) -> RoutingReplay:
     if getattr(next(iter(routers.values())), "routing_type", "") == "sinkhorn":
         raise ValueError("routing replay: sinkhorn routing has no top-k to replay")
     hub = RoutingReplay(routers, num_layers=config.num_layers, topk=config.moe_router_topk,
-                        num_experts=config.num_moe_experts, sequence_parallel=bool(config.sequence_parallel))
+                        num_experts=config.num_moe_experts, sequence_shards=model_sequence_multiple(bare))
     bare._rlfp16_routing_replay = hub
     return hub
 

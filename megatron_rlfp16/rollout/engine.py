@@ -121,6 +121,9 @@ def engine_dtype(config: RolloutConfig, engine_kwargs: Optional[dict]) -> str:
 class RolloutEngine:
     """``generate`` for rollouts, ``update_weights`` for in-place refit from the bridge's stream."""
 
+    routes = None
+    """The route capture (``rollout.routes.RouteCapture``) when started with ``return_routes``."""
+
     def __init__(self, hf_dir: str, config: RolloutConfig, *, engine_kwargs: Optional[dict] = None):
         """``engine_kwargs`` are merged into vLLM's ``LLM(...)`` arguments last; pass
         ``PrecisionConfig.vllm_kwargs()`` so the engine's dtype and FP32 islands follow the trainer's."""
@@ -170,12 +173,10 @@ class RolloutEngine:
             if torch.distributed.is_initialized() else (1, 0)
         self.num_replicas = world // config.tp
         self.replica_rank = rank // config.tp
-        self.routes = None
         if config.return_routes:  # None (unresolved) is off
             from megatron_rlfp16.rollout.routes import RouteCapture
 
-            layers = self.llm.llm_engine.vllm_config.model_config.get_total_num_hidden_layers()
-            self.routes = RouteCapture(self.llm, num_layers=layers)
+            self.routes = RouteCapture(self.llm)
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(

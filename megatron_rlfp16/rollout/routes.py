@@ -17,7 +17,8 @@ capture callback all the same (``BaseRouter.set_capture_fn``, the hook vLLM's ow
   hash of the block's tokens as vLLM's prefix cache is. The cache is reset at the start of each
   ``generate`` so that every cached block was computed, and captured, within it.
 
-The layout of the result is :mod:`megatron_rlfp16.routing`'s (``[positions, layers, top-k]`` per
+The engine internals this needs are in :mod:`megatron_rlfp16.compat.vllm` (``moe_layout``,
+``note_each_step``). The layout of the result is :mod:`megatron_rlfp16.routing`'s (``[positions, layers, top-k]`` per
 sequence, :data:`~megatron_rlfp16.routing.NO_ROUTE` where nothing ran).
 """
 from __future__ import annotations
@@ -32,56 +33,41 @@ from megatron_rlfp16.routing import NO_ROUTE
 
 
 class RouteCapture:
-    """Binds to the in-process engine ``llm`` (see :func:`megatron_rlfp16.compat.vllm.model_runner`)."""
+    """Binds to the in-process engine ``llm`` (``compat.vllm.configure_in_process``)."""
 
-    def __init__(self, llm, *, num_layers: int):
-        from vllm.model_executor.layers.fused_moe.layer import MoERunner
-
-        from megatron_rlfp16.compat.vllm import model_runner
+    def __init__(self, llm):
+        from megatron_rlfp16.compat.vllm import moe_layout, note_each_step
 
         self.llm = llm
-        self.runner = runner = model_runner(llm)
-        moe = [m for m in runner.model.modules() if isinstance(m, MoERunner)]
-        if not moe:
+        layout = moe_layout(llm)
+        routers = layout["routers"]
+        if not routers:
             raise ValueError("routes were asked for, but the engine's model has no MoE layers "
                              "(routing replay needs a mixture-of-experts model)")
-        for m in moe:
-            if not hasattr(m.router, "set_capture_fn"):
-                raise ValueError(f"vLLM's router {type(m.router).__name__} takes no capture callback: "
+        for _, router in routers:
+            if not hasattr(router, "set_capture_fn"):
+                raise ValueError(f"vLLM's router {type(router).__name__} takes no capture callback: "
                                  "routes cannot be captured with this vLLM version")
-        self.topk = int(moe[0].router.top_k if hasattr(moe[0].router, "top_k") else
-                        llm.llm_engine.vllm_config.model_config.get_num_experts_per_tok())
-        self.num_layers = int(num_layers)
-        self.layer_ids = sorted(int(m.layer_id) for m in moe)
+        self.topk = int(layout["topk"])
+        self.num_layers = int(layout["num_layers"])
+        self.layer_ids = sorted(layer for layer, _ in routers)
         if self.layer_ids[-1] >= self.num_layers:
             raise ValueError(f"the engine's MoE layer {self.layer_ids[-1]} is beyond the model's "
                              f"{self.num_layers} layers")
-        cache = llm.llm_engine.vllm_config.cache_config
-        self.block_size = int(cache.block_size)
-        self.prefix_caching = bool(cache.enable_prefix_caching)
-        tokens = int(llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
-        device = next(runner.model.parameters()).device
-        self.buffer = torch.full((tokens, self.num_layers, self.topk), NO_ROUTE, dtype=torch.int16,
-                                 device=device)
-        for m in moe:
-            m.router.set_capture_fn(functools.partial(self._write, int(m.layer_id)))
+        self.block_size = layout["block_size"]
+        self.prefix_caching = layout["prefix_caching"]
+        self.buffer = torch.full((layout["max_tokens"], self.num_layers, self.topk), NO_ROUTE,
+                                 dtype=torch.int16, device=layout["device"])
+        for layer, router in routers:
+            router.set_capture_fn(functools.partial(self._write, layer))
         self._pending: Optional[Tuple[List[str], np.ndarray, np.ndarray]] = None
         self.from_cache = 0
         self.steps: List[Tuple[List[str], np.ndarray, np.ndarray, np.ndarray]] = []
-        prepare = runner._prepare_inputs
-
-        @functools.wraps(prepare)
-        def prepare_and_note(*args, **kwargs):
-            self._flush()  # the previous step's rows are still in the buffer
-            out = prepare(*args, **kwargs)
-            batch = runner.input_batch
-            n = batch.num_reqs
-            self._pending = (list(batch.req_ids[:n]), batch.num_computed_tokens_cpu[:n].copy(),
-                             runner.num_scheduled_tokens.np[:n].copy())
-            return out
-
-        runner._prepare_inputs = prepare_and_note
         self.active = False
+        note_each_step(llm, self._flush, self._note)
+
+    def _note(self, req_ids, starts, counts) -> None:
+        self._pending = (req_ids, starts, counts)
 
     def _write(self, layer: int, topk_ids: torch.Tensor) -> None:
         if self.active:

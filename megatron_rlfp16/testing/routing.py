@@ -12,6 +12,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
 from megatron_rlfp16.routing import NO_ROUTE
 
 
@@ -32,7 +33,7 @@ def _routed_gate_forward(gate, hidden_states):
     return logits, weights.to(logits.dtype), chosen
 
 
-def hf_model_routed_by(hf_dir: str, dtype=torch.float32):
+def hf_model_routed_by(hf_dir: str, dtype=ACCUM_DTYPE):
     """``(model, set_routes)``: ``set_routes(routes [B, S, L, K] or None)`` before each forward."""
     import transformers
 
