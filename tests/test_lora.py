@@ -12,6 +12,7 @@ import torch
 
 from megatron_rlfp16.losses import PolicyLossConfig, policy_loss
 from megatron_rlfp16.testing.distributed import run_on_ranks
+from megatron_rlfp16.testing.lora import random_adapter_tensors
 from megatron_rlfp16.testing.tiny import make_tiny_model
 
 pytestmark = pytest.mark.ranks
@@ -38,19 +39,7 @@ def batch():
 
 
 def adapter_tensors(hf_dir, targets, seed=0):
-    """PEFT-named random adapters for ``targets`` (A and B non-zero)."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
-    peft_model = get_peft_model(model, PeftLoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(targets)))
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, p in peft_model.named_parameters():
-        if "lora_" in name:
-            key = name.replace(".default", "")
-            out[key] = 0.1 * torch.randn(p.shape, generator=g)
-    return out
+    return random_adapter_tensors(hf_dir, targets, rank=RANK, alpha=ALPHA, seed=seed)
 
 
 def _worker(dirs, tensors):

@@ -119,6 +119,10 @@ def apply_lora(model, arch, config: LoraConfig, *, seed: int = 0) -> Dict[str, L
     if getattr(bare, "_rlfp16_lora", None):
         raise ValueError("this model already has LoRA adapters")
     ctx = ShardContext.from_megatron(bare)
+    if config.dropout and ctx.tp_size > 1:
+        raise ValueError(f"LoraConfig.dropout={config.dropout} with tensor parallelism {ctx.tp_size}: the column "
+                         "adapters' replicated input would draw a different dropout mask on each rank; "
+                         "valid: dropout 0 with TP > 1")
     bridge = Bridge(arch)
     wanted = set(config.target_modules)
     adapters: Dict[str, LoraAdapter] = {}

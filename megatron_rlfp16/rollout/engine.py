@@ -43,6 +43,8 @@ class RolloutConfig:
     """How the engine gets its first weights: "auto" reads the HF checkpoint, "dummy" starts from
     random ones without reading it (only right when a refit comes before the first generation, as the
     trainer's does). None: the run plan's choice ("dummy" for the trainer), "auto" standalone."""
+    max_lora_rank: Optional[int] = None
+    """Start the engine with LoRA enabled, for adapters up to this rank (``set_adapter``); None: off."""
     return_routes: Optional[bool] = None
     """Capture the experts every MoE layer routed each token to (``RolloutBatch.routes``, see
     ``megatron_rlfp16.routing``): what routing replay (R3) replays and what router agreement is
@@ -61,6 +63,9 @@ class RolloutConfig:
             from megatron_rlfp16.precision import Precision
 
             Precision.parse(self.dtype, field="RolloutConfig.dtype")
+        if self.max_lora_rank is not None and (isinstance(self.max_lora_rank, bool)
+                                               or not isinstance(self.max_lora_rank, int) or self.max_lora_rank < 1):
+            raise ValueError(f"RolloutConfig.max_lora_rank={self.max_lora_rank!r}; valid: None or an integer >= 1")
         if self.return_routes not in (None, True, False):
             raise ValueError(f"RolloutConfig.return_routes={self.return_routes!r}; valid: None, True, False")
         if self.load_format not in (None, "auto", "dummy"):
@@ -123,6 +128,8 @@ class RolloutEngine:
 
     routes = None
     """The route capture (``rollout.routes.RouteCapture``) when started with ``return_routes``."""
+    adapter = None
+    """The LoRA adapter every generation uses (``set_adapter``), a vLLM ``LoRARequest``."""
 
     def __init__(self, hf_dir: str, config: RolloutConfig, *, engine_kwargs: Optional[dict] = None):
         """``engine_kwargs`` are merged into vLLM's ``LLM(...)`` arguments last; pass
@@ -157,6 +164,8 @@ class RolloutEngine:
             # that need no collective between them. (vLLM's own DP would shard MoE experts across
             # the replicas and make every forward a lock-step all-gather between them.)
             kwargs["data_parallel_size"] = 1
+        if config.max_lora_rank:
+            kwargs.update(enable_lora=True, max_lora_rank=config.max_lora_rank, max_loras=1)
         if on_gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
             sleep = config.enable_sleep_mode if config.enable_sleep_mode is not None else True
@@ -217,7 +226,7 @@ class RolloutEngine:
             ))
         if self.routes is not None and requests:
             self.routes.begin()
-        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter) if requests else []
         batch = RolloutBatch(prompts=[], responses=[], logprobs=[], prompt_index=[], finished=[],
                              skipped=skipped, routes=[] if self.routes is not None else None)
         sequences = {}
@@ -255,6 +264,26 @@ class RolloutEngine:
         return RolloutBatch.concat(parts[::self.config.tp])
 
     # ---- weights ------------------------------------------------------------------------------
+    def set_adapter(self, path: Optional[str], rank: Optional[int] = None) -> None:
+        """Generations from now on use the PEFT LoRA directory ``path`` (None: the base model). Each
+        call is a new adapter version (its own id), so vLLM loads the files again."""
+        from vllm.lora.request import LoRARequest
+
+        if path is None:
+            self.adapter = None
+            return
+        limit = self.config.max_lora_rank
+        if not limit:
+            raise ValueError("set_adapter on an engine started without LoRA; start it with "
+                             "RolloutConfig.max_lora_rank set to the adapter's rank or more")
+        if rank is not None and rank > limit:
+            raise ValueError(f"adapter rank {rank} is above the engine's max_lora_rank={limit}; restart the "
+                             f"engine with RolloutConfig.max_lora_rank >= {rank}")
+        version = (self.adapter.lora_int_id + 1) if self.adapter is not None else 1
+        self.adapter = LoRARequest(f"adapter-v{version}", version, path)
+        self.llm.reset_prefix_cache()  # nothing computed with the previous adapter is reused
+
+
     def update_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> dict:
         """Loads ``(hf_name, tensor)`` pairs (e.g. the bridge's export stream, consumed bucket by bucket)
         into the engine in place, then drops every cached prefix computed with the old weights.

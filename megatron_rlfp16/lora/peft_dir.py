@@ -1,0 +1,78 @@
+"""Adapters as a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``): what ``peft``
+(``PeftModel.from_pretrained``) and vLLM (``LoRARequest(name, id, path)``) load directly."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+
+from megatron_rlfp16.lora.config import LoraConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_config(config: LoraConfig, *, base_model: Optional[str] = None) -> dict:
+    """PEFT's ``LoraConfig`` fields for these adapters (the ones PEFT and vLLM read; PEFT fills the
+    rest with its defaults)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": config.rank, "lora_alpha": config.resolved_alpha, "lora_dropout": float(config.dropout),
+        "target_modules": sorted(config.target_modules), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None, "inference_mode": True,
+    }
+
+
+def gather_adapters(model, arch) -> Dict[str, torch.Tensor]:
+    """Collective over the world: every rank gets all adapters of the model, PEFT-named, on CPU
+    (tensor-parallel shards gathered, pipeline stages joined)."""
+    import torch.distributed as dist
+
+    from megatron_rlfp16.lora.layers import lora_state_dict
+
+    mine = {k: v.cpu() for k, v in lora_state_dict(model, arch).items()}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mine
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    merged: Dict[str, torch.Tensor] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def write_peft_dir(tensors: Dict[str, torch.Tensor], config: LoraConfig, out_dir: str, *,
+                   base_model: Optional[str] = None, overwrite: bool = False, dtype=None) -> str:
+    """Writes ``tensors`` (PEFT-named) and their config to ``out_dir`` atomically; returns it."""
+    from safetensors.torch import save_file
+
+    from megatron_rlfp16.checkpoint.hf_io import AtomicDir
+
+    with AtomicDir(out_dir, overwrite=overwrite) as tmp:
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(adapter_config(config, base_model=base_model), f, indent=2)
+        save_file({k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in sorted(tensors.items())},
+                  os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+    return out_dir
+
+
+def read_peft_dir(path: str) -> tuple:
+    """``(LoraConfig, tensors)`` of a PEFT LoRA directory, with errors that name the file."""
+    from safetensors.torch import load_file
+
+    from megatron_rlfp16.checkpoint.hf_io import read_json
+
+    cfg_path, weights = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    for p in (cfg_path, weights):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{path!r} is not a PEFT adapter directory: {os.path.basename(p)} is missing")
+    cfg = read_json(cfg_path)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type={cfg.get('peft_type')!r}; only LORA adapters are read")
+    targets = cfg.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    config = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)),
+                        dropout=float(cfg.get("lora_dropout", 0.0)), target_modules=tuple(targets))
+    return config.validate(), load_file(weights)
