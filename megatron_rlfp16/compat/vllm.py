@@ -14,7 +14,7 @@ from typing import Iterable, Tuple
 import torch
 
 __all__ = [
-    "configure_in_process", "model_runner", "moe_layout", "note_each_step", "sample_of_request", "name_cpu_shm_per_run", "set_log_level", "quiet_expected_reload_warnings", "reload_weights",
+    "configure_in_process", "fp32_moe_gates", "model_runner", "moe_layout", "note_each_step", "sample_of_request", "name_cpu_shm_per_run", "set_log_level", "quiet_expected_reload_warnings", "reload_weights",
     "rerun_expert_processing", "shutdown",
 ]
 
@@ -117,6 +117,30 @@ def note_each_step(llm, before, after) -> None:
         return out
 
     runner._prepare_inputs = functools.wraps(prepare)(prepare_and_note)
+
+
+@contextlib.contextmanager
+def fp32_moe_gates():
+    """While an engine is built: MoE router GEMMs in FP32 (vLLM 0.32 ``GateLinear`` with
+    ``force_fp32_compute`` and FP32 output: FP32 weights, the input cast up, FP32 logits into the
+    router's softmax and top-k). vLLM's MoE models build their gate in the model dtype with no
+    setting for this; the constructor's own flag does it, set here for the engine's lifetime of
+    construction only."""
+    from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+
+    original = GateLinear.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        kwargs["force_fp32_compute"] = True
+        kwargs["out_dtype"] = torch.float32
+        original(self, *args, **kwargs)
+
+    GateLinear.__init__ = init
+    try:
+        yield
+    finally:
+        GateLinear.__init__ = original
 
 
 def sample_of_request(internal_id: str, n: int) -> Tuple[str, int]:

@@ -1,7 +1,8 @@
 """Measures the training-inference mismatch of a checkpoint in several precisions.
 
 For each dtype, on every rank: the checkpoint goes into Megatron through the bridge (the trainer
-path) and into a colocated vLLM engine (the rollout path) in that dtype; vLLM samples responses with
+path) and, through the same refit the trainer runs, into a colocated vLLM engine (the rollout path)
+in that dtype; vLLM samples responses with
 their log-probs, Megatron re-scores the same tokens (same temperature), and ``mismatch_metrics``
 compares the two. Each dtype runs in fresh processes so that engines never share state.
 """
@@ -50,6 +51,7 @@ def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16,
     For an MoE checkpoint the engine also returns its routes and the metrics include router
     agreement; with ``routing_replay`` the same samples are re-scored a second time replaying the
     engine's routes (R3), returned under ``"r3"``."""
+    from megatron_rlfp16.bridge import export_hf
     from megatron_rlfp16.megatron import routing
     from megatron_rlfp16.megatron.recompute import compute_logprobs
     from megatron_rlfp16.plan import build_engine, build_model, resolve_plan
@@ -62,7 +64,7 @@ def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16,
     # The trainer's own plan: one PrecisionConfig drives both sides, FP32 islands included.
     plan = resolve_plan(TrainerConfig(
         hf_dir=hf_dir, parallel=ParallelConfig(tp=tp), precision=PrecisionConfig(trainer=dtype),
-        rollout=RolloutConfig(tp=tp, seed=seed, max_model_len=prompt_len + max_tokens + 1, load_format="auto"),
+        rollout=RolloutConfig(tp=tp, seed=seed, max_model_len=prompt_len + max_tokens + 1),
     ), hf_config=None)
     if routing_replay and not plan.arch.is_moe:
         raise ValueError(f"--routing-replay: {hf_dir} is a dense model ({plan.arch.family}), it has no "
@@ -73,6 +75,9 @@ def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16,
     arch = plan.arch
     hub = routing.install(model) if plan.rollout.return_routes else None
     engine = build_engine(plan)
+    # As the trainer does: the engine gets Megatron's weights through the refit, so its FP32 islands
+    # (LM head, MoE gates) hold the trainer's values, not the checkpoint's unrounded ones.
+    engine.update_weights(export_hf(model, arch, dtype=plan.export_dtype, bucket_bytes=plan.sync_bucket_bytes))
     prompts = make_prompts(arch.vocab_size, num_prompts, prompt_len, seed)
     batch = engine.generate(prompts, temperature=temperature, max_tokens=max_tokens, seed=seed)
     tokens, mask, rollout = batch.to_tensors(pad_to_multiple=plan.seq_multiple)

@@ -68,7 +68,8 @@ def build_engine(plan: RunPlan):
     kwargs = dict(plan.engine_kwargs)
     if torch.cuda.is_available():
         kwargs.update(plan.engine_gpu_kwargs)
-    return RolloutEngine(plan.hf_dir, plan.rollout, engine_kwargs=kwargs)
+    return RolloutEngine(plan.hf_dir, plan.rollout, engine_kwargs=kwargs,
+                         fp32_router=plan.arch.is_moe and plan.precision.fp32_router)
 
 
 def build_run(plan: RunPlan, *, seed: int = 0, model=None, engine: bool = True) -> RunObjects:

@@ -7,6 +7,7 @@ the one the trainer scores with temperature-scaled logits, so importance ratios 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -131,9 +132,12 @@ class RolloutEngine:
     adapter = None
     """The LoRA adapter every generation uses (``set_adapter``), a vLLM ``LoRARequest``."""
 
-    def __init__(self, hf_dir: str, config: RolloutConfig, *, engine_kwargs: Optional[dict] = None):
+    def __init__(self, hf_dir: str, config: RolloutConfig, *, engine_kwargs: Optional[dict] = None,
+                 fp32_router: bool = False):
         """``engine_kwargs`` are merged into vLLM's ``LLM(...)`` arguments last; pass
-        ``PrecisionConfig.vllm_kwargs()`` so the engine's dtype and FP32 islands follow the trainer's."""
+        ``PrecisionConfig.vllm_kwargs()`` so the engine's dtype and FP32 islands follow the trainer's.
+        ``fp32_router``: MoE router GEMMs in FP32, as the trainer's (``PrecisionConfig.fp32_router``;
+        the run plan passes it)."""
         from megatron_rlfp16.compat import vllm as vllm_compat
 
         config = config.validate().resolved()
@@ -172,7 +176,8 @@ class RolloutEngine:
             kwargs["enable_sleep_mode"] = sleep
         kwargs.update({k: v for k, v in (engine_kwargs or {}).items() if k != "dtype"})
         self.dtype = kwargs["dtype"]
-        self.llm = LLM(**kwargs)
+        with vllm_compat.fp32_moe_gates() if fp32_router else contextlib.nullcontext():
+            self.llm = LLM(**kwargs)
         vllm_compat.quiet_expected_reload_warnings()
         self.sleep_enabled = bool(on_gpu and kwargs.get("enable_sleep_mode"))
         self._asleep: set = set()  # the parts ("weights", "kv_cache") released by sleep()

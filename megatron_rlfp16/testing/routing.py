@@ -96,11 +96,12 @@ def checkpoint_named_grads(model) -> dict:
     return out
 
 
-def make_near_tie_moe(family: str, out_dir: str, *, seed: int = 0, eps: float = 1e-3, expert_gain: float = 4.0) -> str:
-    """A tiny MoE checkpoint whose routers nearly tie: in every layer, experts 1 and 2 have router rows
-    equal up to ``eps`` (relative), so wherever one of them is the last expert chosen a rounding
-    difference between two engines flips the choice; their weights are scaled by ``expert_gain`` so a
-    flip moves the output visibly. For testing routing replay."""
+def make_near_tie_moe(family: str, out_dir: str, *, seed: int = 0, eps: float = 1e-3, expert_gain: float = 4.0,
+                      tied: int = 2) -> str:
+    """A tiny MoE checkpoint whose routers nearly tie: in every layer, experts 1 .. ``tied`` have router
+    rows equal to expert 1's up to ``eps`` (relative), so wherever the choice falls among them a
+    rounding difference between two engines flips it; their weights are scaled by ``expert_gain`` so
+    a flip moves the output visibly. For testing routing replay."""
     from safetensors.torch import load_file, save_file
 
     from megatron_rlfp16.testing.tiny import make_tiny_model
@@ -113,9 +114,10 @@ def make_near_tie_moe(family: str, out_dir: str, *, seed: int = 0, eps: float = 
         w = weights[name]
         if name.endswith("gate.weight") and w.dim() == 2:
             w = w.clone() * 4.0
-            w[2] = w[1] * (1 + eps * torch.randn(w.shape[1], generator=g))
+            for e in range(2, tied + 1):
+                w[e] = w[1] * (1 + eps * torch.randn(w.shape[1], generator=g))
             weights[name] = w
-        elif ".experts.1." in name or ".experts.2." in name:
+        elif any(f".experts.{e}." in name for e in range(1, tied + 1)):
             weights[name] = w * expert_gain
     save_file(weights, path, metadata={"format": "pt"})
     return out_dir
