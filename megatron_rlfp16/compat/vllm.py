@@ -128,12 +128,14 @@ def fp32_moe_gates():
     construction only."""
     from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
 
+    from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
+
     original = GateLinear.__init__
 
     @functools.wraps(original)
     def init(self, *args, **kwargs):
         kwargs["force_fp32_compute"] = True
-        kwargs["out_dtype"] = torch.float32
+        kwargs["out_dtype"] = ACCUM_DTYPE
         original(self, *args, **kwargs)
 
     GateLinear.__init__ = init
