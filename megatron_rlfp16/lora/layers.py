@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from megatron_rlfp16.bridge.mappings import QKV
 from megatron_rlfp16.lora.config import LoraConfig
 
 # Megatron linear (below ``decoder.layers.<i>.``) -> its HF roles in the bridge mapping's order.
@@ -191,9 +192,9 @@ def _column_blocks(adapter: LoraAdapter, ctx, arch, *, ones: bool = False,
 
 def _role_rows(adapter: LoraAdapter, arch) -> Dict[str, int]:
     """Output rows of each HF role of a fused column-parallel layer."""
-    if set(adapter.mapping.hf) == {"q", "k", "v"}:
-        d = arch.head_dim
-        return dict(q=arch.num_heads * d, k=arch.num_kv_heads * d, v=arch.num_kv_heads * d)
+    if isinstance(adapter.mapping, QKV):
+        groups, per_group, d = QKV._dims(arch)
+        return dict(q=groups * per_group * d, k=groups * d, v=groups * d)
     f = arch.ffn_hidden_size
     return dict(gate=f, up=f)
 
@@ -272,8 +273,8 @@ def lora_state_dict(model, arch, *, grads: bool = False) -> Dict[str, torch.Tens
             a_name, b_name = peft_names(hf_module)
             out[a_name], out[b_name] = A.clone(), B.clone()
             continue
-        names = {role: f"{role}" for role in adapter.mapping.hf}
-        for role, _, rows in adapter.mapping.to_hf(B, ctx.tp_size, arch, names):
+        roles = {role: role for role in adapter.mapping.hf}  # to_hf names its parts by role here
+        for role, _, rows in adapter.mapping.to_hf(B, ctx.tp_size, arch, roles):
             if role not in adapter.hf_modules:
                 continue
             i = adapter.roles.index(role)

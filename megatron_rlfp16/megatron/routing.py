@@ -59,12 +59,13 @@ class _LayerReplay:
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
         probs, own = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
         hub = self.hub
-        if _in_backward():
+        recompute = _in_backward()
+        if recompute:
             at, self.backward_at = self.backward_at, self.backward_at + 1
         else:
             at, self.forward_at = self.forward_at, self.forward_at + 1
         target = self.targets[at] if at < len(self.targets) else None
-        if not _in_backward():
+        if not recompute:
             if hub.recording:
                 self.recorded.append(own.detach().clone())
             if hub.comparing and target is not None:
@@ -89,7 +90,7 @@ class RoutingReplay:
         self.num_layers, self.topk, self.num_experts = num_layers, topk, num_experts
         self.sequence_shards = sequence_shards  # tensor-parallel ranks splitting the sequence (1: none)
         self.replaying = self.recording = self.comparing = False
-        self._counts = torch.zeros(2, dtype=torch.float64)
+        self._counts: Optional[torch.Tensor] = None  # (sets equal, sets compared), summed on the device
         self._token_flags: Dict[int, torch.Tensor] = {}
         for layer, router in routers.items():
             router.router_replay = self.layers[layer]
@@ -101,7 +102,7 @@ class RoutingReplay:
         for lr in self.layers.values():
             lr.reset()
         self.replaying, self.recording, self.comparing = replay, record, compare
-        self._counts = torch.zeros(2, dtype=torch.float64)
+        self._counts = None
         self._token_flags = {}
 
     def finish(self) -> None:
@@ -149,8 +150,9 @@ class RoutingReplay:
         target = target.to(own.device)
         valid = target[:, 0] >= 0
         equal = same_expert_sets(own, target) & valid
-        self._counts += torch.tensor([float(equal.sum()), float(valid.sum())], dtype=torch.float64)
-        flags = torch.stack([valid & ~equal, valid]).to(torch.uint8).cpu()  # [2, rows]
+        counts = torch.stack([equal.sum(), valid.sum()]).to(torch.float64)  # stays on the device: no sync
+        self._counts = counts if self._counts is None else self._counts + counts
+        flags = torch.stack([valid & ~equal, valid]).to(torch.uint8)  # [2, rows]
         previous = self._token_flags.get(forward)
         self._token_flags[forward] = flags if previous is None else torch.maximum(previous, flags)
 
@@ -162,7 +164,7 @@ class RoutingReplay:
 
         from megatron_rlfp16.runtime import device
 
-        flags = [self._token_flags[k] for k in sorted(self._token_flags)]
+        flags = [self._token_flags[k].cpu() for k in sorted(self._token_flags)]
         tokens = torch.cat(flags, dim=1) if flags else torch.zeros(2, 0, dtype=torch.uint8)
         pp = ps.get_pipeline_model_parallel_group()
         if dist.get_world_size(pp) > 1:  # one token's layers live on several stages
@@ -175,7 +177,7 @@ class RoutingReplay:
             dist.all_reduce(padded, op=dist.ReduceOp.MAX, group=pp)
             tokens = padded.cpu()
         token_counts = tokens.sum(dim=1).to(torch.float64)  # [disagreeing, counted]
-        layer_counts = self._counts.clone()
+        layer_counts = torch.zeros(2, dtype=torch.float64) if self._counts is None else self._counts.cpu()
         if dist.get_world_size(pp) > 1:
             layer_counts = layer_counts.to(device())
             dist.all_reduce(layer_counts, group=pp)
