@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/guard_bench.py --json runs/bench/guard.json
 	$(PY) bench/refit_bench.py --json runs/bench/refit.json
 	$(PY) bench/routing_bench.py --json runs/bench/routing.json
+	$(PY) bench/lora_bench.py --json runs/bench/lora.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 examples/grpo_cpu_demo.py --out runs/demo [--precision fp16|bf16]
                                                         [--model qwen3_moe --tp 1 --ep 2 --rollout-tp 1
-                                                         --routing-replay r3]
+                                                         --routing-replay r3] [--lora-rank 8]
 
 1. A synthetic task ("reverse: 3 1 4 =" -> "4 1 3") and a SentencePiece tokenizer fitted to it.
 2. A tiny random Llama-shaped model (or a Qwen3-MoE with ``--model qwen3_moe``) written as an HF
@@ -10,11 +10,14 @@
 3. A short supervised warm start so that sampling gets some answers right.
 4. GRPO (PPO-clip, GRPO advantages, token-TIS correction) with the trainer and the rollout engine
    in the same precision; the weights go into vLLM through the bridge after every step.
+   With ``--lora-rank R`` the warm-started model is the frozen base of rank-R adapters, and only the
+   adapters train and move into vLLM (docs/lora.md).
 5. ``out/metrics.jsonl``, ``out/summary.json`` and ``out/curves.png``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,7 +26,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rlfp16.cli import (  # noqa: E402
-    add_checkpoint_args, check_output_dir, non_negative_int, positive_float, positive_int, with_flag,
+    add_checkpoint_args, add_lora_args, check_output_dir, lora_config_from_args, non_negative_int, positive_float,
+    positive_int, with_flag,
 )
 from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
@@ -53,7 +57,7 @@ def parse_args(argv=None):
                         "forward, r2 the trainer's own pi_old routing in the updates (docs/rollout.md)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="the trainer's state in host memory while the engine samples (default: on with a GPU)")
-    return add_checkpoint_args(p).parse_args(argv)
+    return add_lora_args(add_checkpoint_args(p)).parse_args(argv)
 
 
 def build_config(args, hf_dir: str):
@@ -75,8 +79,26 @@ def build_config(args, hf_dir: str):
         rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
                     group_size=args.group_size, routing_replay=args.routing_replay),
         precision=PrecisionConfig(trainer=args.precision), allow_changed_settings=args.allow_changed_settings,
-        memory=MemoryConfig(offload=args.offload),
+        memory=MemoryConfig(offload=args.offload), lora=lora_config_from_args(args),
     )
+
+
+def warm_base(args, config, source) -> str:
+    """The base model of a LoRA run: the embedded model after the supervised warm start (full
+    fine-tuning, no engine), written once as an HF checkpoint under ``--out`` and reused on resume."""
+    import torch.distributed as dist
+
+    from megatron_rlfp16.trainer import warm_start_base
+
+    base = os.path.join(args.out, f"hf_base_{args.model}_{args.precision}_seed{args.seed}_warm{args.warm_start_steps}")
+    if not os.path.isdir(base):
+        sft = warm_start_base(config, source, base, steps=args.warm_start_steps, batch_size=64, lr=1e-3,
+                              seed=args.seed)
+        if dist.get_rank() == 0 and sft:
+            print(f"[demo] warm start of the LoRA base: {len(sft)} supervised steps (full model), final loss "
+                  f"{sft[-1]['loss']:.3f}; written to {base}", file=sys.stderr, flush=True)
+    dist.barrier()
+    return base
 
 
 def main(argv=None) -> int:
@@ -85,8 +107,8 @@ def main(argv=None) -> int:
     from megatron_rlfp16.trainer.embedded import embedded_hf_config, embedded_model_dir
 
     hf_dir = embedded_model_dir(args.out, args.model)
-    config = build_config(args, hf_dir)
     try:  # every size against the embedded model and this world, before any rank initializes
+        config = build_config(args, hf_dir)
         check_output_dir(args.out, "--out")
         resolve_plan(config, hf_config=embedded_hf_config(args.model))
     except ValueError as err:
@@ -107,8 +129,10 @@ def main(argv=None) -> int:
 
     source = TaskSource(task, tokenizer, seed=args.seed)
     start = time.monotonic()
+    if config.lora.enabled:  # LoRA adapts a trained base: the warm start trains it, in full, first
+        config = dataclasses.replace(config, hf_dir=warm_base(args, config, source))
     trainer = Trainer(config, source)
-    if trainer.step == 0:
+    if trainer.step == 0 and not config.lora.enabled:
         sft = warm_start(trainer, steps=args.warm_start_steps, batch_size=64, lr=1e-3, seed=args.seed)
         if rank == 0 and sft:
             print(f"[demo] warm start: {len(sft)} supervised steps, final loss {sft[-1]['loss']:.3f}, "

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rlfp16.megatron.args import add_rl_args, rl_config_from_args  # noqa: E402
 from megatron_rlfp16.cli import (  # noqa: E402
-    add_checkpoint_args, check_output_dir, fraction, non_negative_int, positive_float, positive_int, with_flag,
+    add_checkpoint_args, check_output_dir, fraction, lora_config_from_args, non_negative_int, positive_float,
+    positive_int, with_flag,
 )
 from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
@@ -97,6 +98,7 @@ def build_config(args: argparse.Namespace):
     from megatron_rlfp16.trainer import RunConfig, TrainerConfig
 
     rl = rl_config_from_args(args)
+    lora = lora_config_from_args(args)
     run = RunConfig(
         steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
         micro_batch_size=args.micro_batch_size, lr=args.lr, seed=args.seed, log_samples=args.log_samples,
@@ -110,7 +112,7 @@ def build_config(args: argparse.Namespace):
         memory=MemoryConfig(distributed_optimizer=args.distributed_optimizer, recompute=args.recompute,
                             attention=args.attention, device_memory_gib=args.device_memory_gib,
                             offload=args.offload),
-        allow_changed_settings=args.allow_changed_settings,
+        allow_changed_settings=args.allow_changed_settings, lora=lora,
     )
     try:
         return config.validate()

@@ -58,11 +58,11 @@ def with_flag(message: str) -> str:
     """Prefixes a config error with the flag that sets the field it names, where the entry points
     map one flag to one field: ``RunConfig.micro_batch_size=5 ...`` becomes
     ``--micro-batch-size: RunConfig.micro_batch_size=5 ...`` (``RolloutConfig.x`` ↔ ``--rollout-x``)."""
-    m = re.match(r"(RolloutConfig|RunConfig|TrainerConfig\.parallel|ParallelConfig|PromptConfig|MemoryConfig)\.(\w+)=",
-                 message)
+    m = re.match(r"(RolloutConfig|RunConfig|TrainerConfig\.parallel|ParallelConfig|PromptConfig|MemoryConfig|"
+                 r"LoraConfig)\.(\w+)[=:]", message)
     if not m:
         return message
-    prefix = "--rollout-" if m.group(1) == "RolloutConfig" else "--"
+    prefix = {"RolloutConfig": "--rollout-", "LoraConfig": "--lora-"}.get(m.group(1), "--")
     return f"{prefix}{m.group(2).replace('_', '-')}: {message}"
 
 
@@ -80,6 +80,57 @@ def check_output_dir(path: str, flag: str, *, overwrite: Optional[bool] = None) 
     target = path if os.path.isdir(path) else parent
     if not os.access(target, os.W_OK):
         raise ValueError(f"{flag} {path!r}: {target!r} is not writable")
+
+
+def module_list(text: str) -> tuple:
+    """A comma-separated list of HF module names (``q_proj,v_proj``)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no module; valid: a comma-separated list such as q_proj,v_proj")
+    return names
+
+
+def dropout_fraction(text: str) -> float:
+    """A number in [0, 1) (a dropout probability)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is invalid; valid: a number in [0, 1)")
+    return value
+
+
+def add_lora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The LoRA flags (``lora.LoraConfig``; docs/lora.md); ``lora_config_from_args`` reads them back."""
+    g = parser.add_argument_group(title="LoRA (megatron-rlfp16)",
+                                  description="low-rank adapters instead of full fine-tuning (docs/lora.md)")
+    g.add_argument("--lora-rank", type=non_negative_int, default=0, metavar="R",
+                   help="adapter rank; 0 (default): full fine-tuning")
+    g.add_argument("--lora-alpha", type=positive_float, default=None, metavar="A",
+                   help="the update is (alpha / rank) * B * A (default: 2 x rank)")
+    g.add_argument("--lora-dropout", type=dropout_fraction, default=0.0, metavar="P",
+                   help="dropout on the adapters' input (default 0; needs --tp 1)")
+    g.add_argument("--lora-target-modules", type=module_list, default=None, metavar="M,M",
+                   help="HF modules to adapt, of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj "
+                        "(default: all the model supports; attention only for MoE)")
+    g.add_argument("--lora-sync", choices=["adapter", "merged"], default=None,
+                   help="how the engine gets the weights: adapter (only the adapters move; default where vLLM "
+                        "serves LoRA for the family) or merged (W + scale*B*A through the full refit)")
+    return parser
+
+
+def lora_config_from_args(args: argparse.Namespace):
+    """The validated ``LoraConfig`` of parsed ``--lora-*`` flags; a bad value raises ValueError naming
+    the flag (checks that need the model, such as MoE experts, come with the run plan)."""
+    from megatron_rlfp16.lora.config import LoraConfig
+
+    config = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                        target_modules=args.lora_target_modules, sync=args.lora_sync)
+    try:
+        return config.validate()
+    except ValueError as err:
+        raise ValueError(with_flag(str(err))) from None
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

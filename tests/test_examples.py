@@ -72,6 +72,29 @@ def test_recipe_dry_run(tmp_path, script, cfg, layout, total_b):
     assert s["plan"]["distributed_optimizer"] is True
 
 
+def test_lora_recipe_dry_run(tmp_path):
+    """The LoRA variant of the 8B recipe: the plan's adapter-only sync and engine limit, and the trainer
+    state shrunk to the adapters' (counted here from the shapes: r · (in + out) per module, per TP rank)."""
+    proc = _run(["bash", "examples/grpo_qwen3_8b_lora_fp16.sh"], env=dict(DRY_RUN="1", HF_DIR=_hf_dir(tmp_path, DENSE)))
+    s = _summary(proc)
+    lora = s["plan"]["lora"]
+    assert (lora["rank"], lora["alpha"], lora["sync"], lora["engine_max_lora_rank"]) == (32, 64.0, "adapter", 32)
+    assert sorted(lora["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    r, h, tp, layers = 32, DENSE["hidden_size"], 2, DENSE["num_hidden_layers"]
+    q, kv, f = 32 * 128, 8 * 128, DENSE["intermediate_size"]
+    # column layers: A [roles * r, in] replicated, B [out / tp, roles * r]; row layers: A [r, in / tp], B [out, r]
+    per_layer = 3 * r * h + (q + 2 * kv) // tp * 3 * r + r * q // tp + h * r + 2 * r * h + 2 * f // tp * 2 * r \
+        + r * f // tp + h * r
+    adapters = layers * per_layer
+    gib = 2 ** 30
+    components = s["plan"]["memory"]["components_gib"]
+    assert components["gradients"] == pytest.approx(adapters * 4 / gib, abs=0.01)  # FP32 gradient buffer
+    # master weights and Adam moments of the adapters only, sharded over DP = 4 (distributed optimizer)
+    assert components["optimizer_state"] == pytest.approx(adapters * 8 / 4 / gib, abs=0.01)
+    assert s["plan"]["memory"]["peak"]["gib"] < 80 and s["plan"]["engine"]["dtype"] == "float16"
+
+
 def test_bad_layout_fails_clearly(tmp_path):
     proc = _run(["bash", "examples/grpo_qwen3_8b_fp16.sh", _hf_dir(tmp_path, DENSE), "--tp", "3"],
                 env=dict(DRY_RUN="1", HF_DIR=""))

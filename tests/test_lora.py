@@ -63,7 +63,92 @@ def _worker(dirs, tensors):
         train_step(ddp, [dict(mb, old_logprobs=old, rollout_logprobs=old)], CONFIG, vocab_size=arch.vocab_size)
         results[case] = dict(old=old.clone(), used=used, trainable=trainable,
                              weights=lora_state_dict(model, arch), grads=lora_state_dict(model, arch, grads=True))
+    results["checkpoint"] = _checkpoint_round_trip(dirs, tensors["llama_tp2"])
+    results["fp16"] = _fp16_overflow_leaves_everything(dirs["llama"], tensors["llama_tp2"])
     return results
+
+
+def _lora_model(hf_dir, tp, pp, tensors=None, seed=0, dtype=None, lora=True):
+    from megatron_rlfp16.bridge import load_hf_checkpoint
+    from megatron_rlfp16.lora import LoraConfig, apply_lora, load_lora_state_dict
+    from megatron_rlfp16.models import build_model, read_config_json
+    from megatron_rlfp16.runtime import ParallelConfig, init_runtime
+
+    init_runtime(ParallelConfig(tp=tp, pp=pp))
+    model, arch = build_model(read_config_json(hf_dir), **({} if dtype is None else dict(params_dtype=dtype)))
+    load_hf_checkpoint(model, arch, hf_dir)
+    if lora:
+        apply_lora(model, arch, LoraConfig(rank=RANK, alpha=ALPHA, target_modules=DENSE_TARGETS), seed=seed)
+        if tensors is not None:
+            load_lora_state_dict(model, arch, tensors)
+    return model, arch
+
+
+def _checkpoint_round_trip(dirs, tensors):
+    """Adapters saved at TP=2 (the run checkpoint: adapters only) load at PP=2 exactly; LoRA on one
+    side only is refused with a message naming both sides."""
+    import os
+
+    from megatron_rlfp16.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
+    from megatron_rlfp16.checkpoint.hf_io import CheckpointError
+    from megatron_rlfp16.lora import lora_state_dict
+    from megatron_rlfp16.models import read_config_json
+
+    hf = dirs["llama"]
+    cfg = read_config_json(hf)
+    ckpt, full = os.path.join(dirs["root"], "lora_ckpt"), os.path.join(dirs["root"], "full_ckpt")
+    model, arch = _lora_model(hf, 2, 1, tensors)
+    save_megatron_checkpoint(model, ckpt, hf_config=cfg, overwrite=True, lora_base=hf)
+    model, arch = _lora_model(hf, 1, 2, seed=5)  # other random adapters until the load
+    load_megatron_checkpoint(model, ckpt)
+    out = dict(loaded=lora_state_dict(model, arch))
+    bare, _ = _lora_model(hf, 2, 1, lora=False)
+    try:
+        load_megatron_checkpoint(bare, ckpt)
+    except CheckpointError as e:
+        out["into_full"] = str(e)
+    save_megatron_checkpoint(bare, full, hf_config=cfg, overwrite=True)
+    model, _ = _lora_model(hf, 2, 1)
+    try:
+        load_megatron_checkpoint(model, full)
+    except CheckpointError as e:
+        out["into_lora"] = str(e)
+    size = lambda d: sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d))  # noqa: E731
+    base = sum(p.numel() * p.element_size() for p in bare.parameters())
+    out["bytes"] = (size(ckpt), size(full), base * 2)  # two TP ranks' shards: the whole base
+    return out
+
+
+def _fp16_overflow_leaves_everything(hf, tensors):
+    """FP16 LoRA at TP=2 with Megatron's FP16 optimizer: an overflowing step (huge advantages) is skipped
+    with every parameter, adapter or base, bit-identical; a clean step moves only the adapters. The
+    optimizer's FP32 master copies are the adapters' and nothing else."""
+    from megatron_rlfp16.megatron import compute_logprobs, train_step, wrap_ddp
+    from megatron_rlfp16.precision import OptimizerStep, PrecisionConfig
+
+    precision = PrecisionConfig(trainer="fp16", initial_loss_scale=1024.0).validate()
+    model, arch = _lora_model(hf, 2, 1, tensors, dtype=precision.trainer.torch_dtype)
+    precision.prepare_model(model)
+    ddp = wrap_ddp(model, **precision.ddp_kwargs())
+    optimizer = precision.build_optimizer([ddp], lr=1e-2, weight_decay=0.0)
+    stepper = OptimizerStep(optimizer, precision, model=ddp)
+    snapshot = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}  # noqa: E731
+    masters = [p for g in optimizer.param_groups for p in g["params"]]
+    out = dict(master_dtypes=sorted({str(p.dtype) for p in masters}), master_numel=sum(p.numel() for p in masters),
+               adapter_numel=sum(p.numel() for n, p in model.named_parameters() if p.requires_grad))
+    steps = []
+    for advantage in (1e8, 1.0):
+        before = snapshot()
+        mb = batch()
+        mb["advantages"] = mb["advantages"] * advantage
+        old = compute_logprobs(ddp, [dict(input_ids=mb["input_ids"])], vocab_size=arch.vocab_size)
+        train_step(ddp, [dict(mb, old_logprobs=old, rollout_logprobs=old)], CONFIG, vocab_size=arch.vocab_size)
+        metrics = stepper.step()
+        after = snapshot()
+        steps.append(dict(skipped=float(metrics["overflow"]), loss_scale=float(metrics["loss_scale"]),
+                          changed=sorted(n for n in before if not torch.equal(before[n], after[n]))))
+    out["steps"] = steps
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +158,7 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lora")
     dirs = {f: make_tiny_model(f, str(root / f), seed=3) for f in ("llama", "qwen3_moe")}
+    dirs["root"] = str(root)
     tensors = {case: adapter_tensors(dirs[f], targets, seed=i) for i, (case, (f, targets, _, _)) in enumerate(CASES.items())}
     per_rank = run_on_ranks(_worker, 2, dirs, tensors, timeout=900)
     reference = {}
@@ -121,3 +207,35 @@ def test_gradients_equal_peft(runs, case):
     assert set(got) == set(want)
     for name, g in got.items():
         assert torch.allclose(g, want[name], atol=1e-6, rtol=1e-4), (name, (g - want[name]).abs().max())
+
+
+def test_adapter_checkpoints_reshard_and_hold_only_the_adapters(runs):
+    per_rank, reference = runs
+    want = reference["llama_tp2"]["tensors"]
+    got = {}
+    for result in per_rank:
+        got.update(result["checkpoint"]["loaded"])
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    lora_bytes, full_bytes, base_bytes = per_rank[0]["checkpoint"]["bytes"]
+    adapter_bytes = sum(t.numel() * 4 for t in want.values())
+    assert base_bytes < full_bytes  # the full checkpoint holds the base ...
+    assert adapter_bytes <= lora_bytes < base_bytes / 4  # ... the LoRA one the adapters, not the base
+
+
+def test_lora_on_one_side_only_is_refused(runs):
+    per_rank, _ = runs
+    for result in per_rank:
+        c = result["checkpoint"]
+        assert "holds LoRA adapters (rank 4)" in c["into_full"] and "this run has no LoRA" in c["into_full"]
+        assert "--lora-rank 4" in c["into_full"]
+        assert "holds a full model without LoRA adapters, and this run has LoRA (rank 4)" in c["into_lora"]
+
+
+def test_fp16_overflow_skips_with_adapters_bit_identical(runs):
+    per_rank, _ = runs
+    for result in per_rank:
+        r = result["fp16"]
+        assert r["master_dtypes"] == ["torch.float32"] and r["master_numel"] == r["adapter_numel"]
+        overflow, clean = r["steps"]
+        assert overflow["skipped"] == 1.0 and overflow["changed"] == []
+        assert clean["skipped"] == 0.0 and clean["changed"] and all(".lora." in n for n in clean["changed"])

@@ -173,6 +173,56 @@ def test_plan_refuses_batch_arithmetic_that_would_crash_mid_step(llama_dir, worl
         resolve_plan(_config(llama_dir, run=RunConfig(**run)), world_size=world)
 
 
+def test_plan_resolves_lora(llama_dir, moe_dir):
+    from megatron_rlfp16.lora import LORA_TARGETS, LoraConfig
+    from megatron_rlfp16.plan import resolve_plan
+    from megatron_rlfp16.rollout import RolloutConfig
+
+    plan = resolve_plan(_config(llama_dir, lora=LoraConfig(rank=12)), world_size=2)
+    assert plan.lora.sync == "adapter" and plan.lora.target_modules == LORA_TARGETS
+    # the smallest of vLLM's limits that holds rank 12; the engine keeps its base through training
+    assert plan.rollout.max_lora_rank == 16 and plan.rollout.sleep_level == 1
+    assert plan.describe()["lora"]["engine_max_lora_rank"] == 16
+    full = resolve_plan(_config(llama_dir), world_size=2)
+    assert full.rollout.max_lora_rank is None and full.describe()["lora"] is None
+    # only the adapters have gradients, master weights and optimizer state
+    for key in ("gradients", "master_weights", "optimizer_state"):
+        assert plan.memory.components[key] < full.memory.components[key] / 4
+    assert plan.memory.components["weights"] > full.memory.components["weights"]
+    merged = resolve_plan(_config(llama_dir, lora=LoraConfig(rank=12, sync="merged")), world_size=2)
+    assert merged.rollout.max_lora_rank is None and merged.rollout.sleep_level == 2
+    moe = resolve_plan(_config(moe_dir, lora=LoraConfig(rank=8)), world_size=2)
+    assert moe.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")  # MoE default: attention
+    with pytest.raises(ValueError, match=r"LoraConfig.target_modules: gate_proj are MoE experts in qwen3_moe, and "
+                                         r"LoRA on experts is not supported; valid for qwen3_moe: q_proj, k_proj, "
+                                         r"v_proj, o_proj"):
+        resolve_plan(_config(moe_dir, lora=LoraConfig(rank=8, target_modules=("q_proj", "gate_proj"))), world_size=2)
+    with pytest.raises(ValueError, match=r"LoraConfig.rank=32 is above RolloutConfig.max_lora_rank=16, the largest "
+                                         r"adapter the engine would serve; valid: a rank <= 16, or max_lora_rank None "
+                                         r"\(the plan picks 32\)"):
+        resolve_plan(_config(llama_dir, lora=LoraConfig(rank=32), rollout=RolloutConfig(max_lora_rank=16)),
+                     world_size=2)
+    with pytest.raises(ValueError, match=r"LoRA rank 600 is above the largest vLLM serves \(512\)"):
+        resolve_plan(_config(llama_dir, lora=LoraConfig(rank=600)), world_size=2)
+    assert resolve_plan(_config(llama_dir, lora=LoraConfig(rank=600, sync="merged")), world_size=2).lora.rank == 600
+
+
+def test_lora_flags_reach_the_config(tmp_path):
+    import argparse
+
+    from megatron_rlfp16.cli import add_lora_args, lora_config_from_args
+    from megatron_rlfp16.megatron.args import add_rl_args
+
+    args = add_lora_args(argparse.ArgumentParser()).parse_args(
+        ["--lora-rank", "4", "--lora-alpha", "8", "--lora-target-modules", "q_proj, v_proj", "--lora-sync", "merged"])
+    config = lora_config_from_args(args)
+    assert (config.rank, config.alpha, config.target_modules, config.sync) == (4, 8.0, ("q_proj", "v_proj"), "merged")
+    assert not lora_config_from_args(add_rl_args(argparse.ArgumentParser()).parse_args([])).enabled
+    args = add_lora_args(argparse.ArgumentParser()).parse_args(["--lora-rank", "4", "--lora-target-modules", "qkv"])
+    with pytest.raises(ValueError, match=r"^--lora-target-modules: LoraConfig.target_modules=\['qkv'\]: unknown"):
+        lora_config_from_args(args)
+
+
 # -- the loss convention ----------------------------------------------------------------------------
 
 
@@ -233,6 +283,38 @@ def test_the_trainers_ddp_stops_a_nan_gradient_without_a_scaler(llama_dir):
     out = run_on_ranks(_nan_check_worker, 1, llama_dir, timeout=300)[0]
     assert out["check"] is True
     assert out["error"] is not None and "nan" in out["error"].lower(), out
+
+
+def _second_step_worker(hf_dir):
+    from megatron_rlfp16.losses import PolicyLossConfig
+    from megatron_rlfp16.megatron.train import train_step
+    from megatron_rlfp16.plan import build_run, resolve_plan
+    from megatron_rlfp16.precision import PrecisionConfig
+    from megatron_rlfp16.trainer import RunConfig
+
+    plan = resolve_plan(_config(hf_dir, precision=PrecisionConfig(trainer="fp32"),
+                                run=RunConfig(prompts_per_step=2, micro_batch_size=8)))
+    objects = build_run(plan, engine=False)
+    g = torch.Generator().manual_seed(0)
+    micro = [dict(input_ids=torch.randint(0, 300, (2, 9), generator=g), loss_mask=torch.ones(2, 8),
+                  advantages=torch.tensor([1.0, -0.5]), rollout_logprobs=torch.zeros(2, 8)) for _ in range(2)]
+    grads = []
+    for optimizer_step in (True, False, False):
+        train_step(objects.model, micro, PolicyLossConfig(loss="pg"), vocab_size=plan.arch.vocab_size)
+        grads.append([p.main_grad.clone() for p in objects.model.parameters()])
+        if optimizer_step:
+            objects.stepper.step()
+    return [max(float((a - b).abs().max()) for a, b in zip(grads[i], grads[2])) for i in (1,)]
+
+
+@pytest.mark.ranks
+def test_fp32_gradients_after_an_optimizer_step_are_not_counted_twice(llama_dir):
+    """Megatron's FP32 optimizer leaves ``param.grad`` aliased to ``main_grad`` after a step; the next
+    backward used to accumulate the first micro-batch's gradient into that alias and DDP's hook added
+    it again (a resumed FP32 run then had half the uninterrupted run's gradient). Two passes over the
+    same micro-batches at the same weights now give the same ``main_grad``."""
+    (worst,) = run_on_ranks(_second_step_worker, 1, llama_dir, timeout=300)[0]
+    assert worst == 0.0
 
 
 def _shared_scaler_worker(hf_dir):

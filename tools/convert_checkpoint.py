@@ -3,11 +3,13 @@
 
     python tools/convert_checkpoint.py import --hf-dir HF --megatron-dir M --tp 2 --pp 1 --ep 1 [--dtype D]
     python tools/convert_checkpoint.py export --megatron-dir M --hf-dir OUT [--dtype float16] [--overwrite]
+    python tools/convert_checkpoint.py export --megatron-dir RUN/checkpoint [--hf-dir MERGED] [--peft-dir ADAPTER]
 
 Run with plain ``python`` it starts tp*pp*ep local ranks itself (gloo on CPU, nccl on GPU); under
 ``torchrun`` it uses the world it is given. The Megatron side is layout-independent: a checkpoint
 imported at one TP/PP/EP layout exports (or trains) at another. Nothing is written unless the whole
-conversion succeeds. See docs/conversion.md.
+conversion succeeds. A LoRA run's checkpoint (adapters only) exports as the merged model (``--hf-dir``)
+and/or as a PEFT adapter directory (``--peft-dir``) that ``peft`` and vLLM load. See docs/conversion.md.
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("import", "HF safetensors -> Megatron distributed checkpoint"),
                             ("export", "Megatron distributed checkpoint -> HF safetensors")):
         s = sub.add_parser(name, help=help_text)
-        s.add_argument("--hf-dir", required=True,
-                       help="HF model directory (read by import, written by export)")
+        s.add_argument("--hf-dir", required=name == "import",
+                       help="HF model directory (read by import, written by export; for a LoRA checkpoint "
+                            "the base merged with the adapters)")
         s.add_argument("--megatron-dir", required=True,
                        help="Megatron checkpoint directory (written by import, read by export)")
         s.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size of the ranks doing the work")
@@ -41,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         s.add_argument("--verbose", action="store_true", help="print full tracebacks of failing ranks")
         if name == "export":
+            s.add_argument("--peft-dir", default=None,
+                           help="LoRA checkpoint: write the adapters here as a PEFT directory "
+                                "(adapter_config.json + adapter_model.safetensors)")
+            s.add_argument("--base-hf-dir", default=None,
+                           help="LoRA checkpoint: the base model (default: the one the checkpoint recorded)")
             s.add_argument("--max-shard-size", type=positive_float, default=2.0,
                            help="largest safetensors file in GiB (default 2)")
     return p
@@ -52,7 +60,7 @@ def main(argv=None) -> int:
     from megatron_rlfp16.runtime.launch import RankFailure, run_on_ranks
 
     try:
-        if os.path.realpath(args.hf_dir) == os.path.realpath(args.megatron_dir):
+        if args.hf_dir and os.path.realpath(args.hf_dir) == os.path.realpath(args.megatron_dir):
             raise ValueError(f"--hf-dir and --megatron-dir are the same directory {args.hf_dir!r}; the "
                              "conversion would replace its own source: give the output its own directory")
         if args.command == "import":
@@ -63,10 +71,12 @@ def main(argv=None) -> int:
                           dtype=args.dtype or convert.config_dtype(cfg))
             paths = (args.hf_dir, args.megatron_dir)
         else:
-            convert.validate_export(args.megatron_dir, args.hf_dir, overwrite=args.overwrite)
+            convert.validate_export(args.megatron_dir, args.hf_dir, overwrite=args.overwrite,
+                                    peft_dir=args.peft_dir, base_hf_dir=args.base_hf_dir)
             fn = convert.export_rank
             kwargs = dict(tp=args.tp, pp=args.pp, ep=args.ep, overwrite=args.overwrite, dtype=args.dtype,
-                          max_shard_bytes=int(args.max_shard_size * 2**30))
+                          max_shard_bytes=int(args.max_shard_size * 2**30), peft_dir=args.peft_dir,
+                          base_hf_dir=args.base_hf_dir)
             paths = (args.megatron_dir, args.hf_dir)
         if "RANK" in os.environ:  # under torchrun: this process is one rank of the given world
             fn(*paths, **kwargs)

@@ -37,15 +37,23 @@ def export_hf(
     receivers: Union[str, int] = "all",
     staging: Optional[StagingBuffer] = None,
     scope: str = "world",
+    merge_lora: bool = False,
 ) -> Iterator[Tuple[str, torch.Tensor]]:
     """Collective generator of the full HF tensors of a (sharded) Megatron model; see
     :func:`megatron_rlfp16.bridge.core.export_hf_weights`. ``scope="replica"`` (with ``receivers="all"``,
-    the refit) keeps every transfer inside its data-parallel replica (``ShardContext.from_megatron``)."""
+    the refit) keeps every transfer inside its data-parallel replica (``ShardContext.from_megatron``).
+    ``merge_lora``: a model with LoRA adapters exports ``W + (alpha / r) · B · A`` for every adapted
+    weight (merged in FP32, one weight at a time); without it the base weights go out as they are."""
     if scope == "replica" and receivers != "all":
         raise ValueError(f"export_hf: scope='replica' needs receivers='all', got receivers={receivers!r}")
     bare = unwrap(model)
+    named = bare.named_parameters()
+    if merge_lora:
+        from megatron_rlfp16.lora.layers import merged_named_parameters
+
+        named = merged_named_parameters(bare)
     return export_hf_weights(
-        bare.named_parameters(), Bridge(arch), ShardContext.from_megatron(bare, scope=scope),
+        named, Bridge(arch), ShardContext.from_megatron(bare, scope=scope),
         dtype=dtype, bucket_bytes=bucket_bytes, receivers=receivers, staging=staging,
     )
 

@@ -186,7 +186,9 @@ def export_hf_weights(
 ) -> Iterator[Tuple[str, torch.Tensor]]:
     """Collective generator of ``(hf_name, full_tensor)`` for the whole model.
 
-    Every rank of the world must call it with its own parameters and exhaust it. ``receivers="all"``
+    Every rank of the world must call it with its own parameters and exhaust it. A parameter may
+    also be an object with ``shape``, ``dtype``, ``device`` and ``materialize()`` (the tensor, made
+    when its bucket is packed: ``lora.MergedWeight``). ``receivers="all"``
     gives every rank every tensor (colocated refit); an int gives them to that global rank only (file
     export), and the other ranks yield nothing. Tensors are views of their bucket, cast to ``dtype``
     (default: the parameter's dtype). Each bucket gets a fresh buffer unless a ``staging`` buffer is
@@ -249,6 +251,8 @@ def _transfer_bucket(bucket, local, bridge, ctx, me, receivers, staging, device)
         outs = None
         if entry is not None and ctx.participates(entry[0].is_expert):
             mapping, hf_names, t = entry
+            if not isinstance(t, torch.Tensor):  # computed on demand (a LoRA-merged weight)
+                t = t.materialize()
             outs = mapping.to_hf(_gather_full(t, mapping, ctx), ctx.tp_for(mapping.is_expert)[1],
                                  bridge.arch, hf_names)
         for i, (name, shape) in enumerate(spec["tensors"]):

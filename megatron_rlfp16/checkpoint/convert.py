@@ -61,14 +61,52 @@ def validate_import(hf_dir: str, megatron_dir: str, *, tp: int, pp: int, ep: int
     return cfg, arch
 
 
-def validate_export(megatron_dir: str, hf_dir: str, *, overwrite: bool):
+def validate_export(megatron_dir: str, hf_dir: Optional[str], *, overwrite: bool, peft_dir: Optional[str] = None,
+                    base_hf_dir: Optional[str] = None):
+    """Checks the outputs, the checkpoint and, for LoRA adapters, their base model before any rank
+    starts. ``hf_dir`` gets the model (merged with the adapters for a LoRA checkpoint), ``peft_dir``
+    the adapters as a PEFT directory; at least one is needed."""
     from megatron_rlfp16.cli import check_output_dir
 
-    check_output_dir(hf_dir, "--hf-dir", overwrite=overwrite)  # the target first
+    if not hf_dir and not peft_dir:
+        raise ValueError("export needs --hf-dir (the model; merged with the adapters for a LoRA checkpoint) "
+                         "and/or --peft-dir (the LoRA adapters as a PEFT directory)")
+    for path, flag in ((hf_dir, "--hf-dir"), (peft_dir, "--peft-dir")):  # the targets first
+        if path:
+            check_output_dir(path, flag, overwrite=overwrite)
     meta = read_meta(megatron_dir)
     parse_hf_config(meta["hf_config"])
     check_shard_files(megatron_dir)
+    lora = meta.get("lora")
+    if peft_dir and not lora:
+        raise ValueError(f"--peft-dir: {megatron_dir!r} holds a full model without LoRA adapters; "
+                         "export it with --hf-dir")
+    if base_hf_dir and not lora:
+        raise ValueError(f"--base-hf-dir: {megatron_dir!r} holds a full model, it needs no base model")
+    if lora:
+        base = lora_base_dir(meta, base_hf_dir, megatron_dir)
+        cfg = read_config_json(base)
+        if parse_hf_config(cfg) != parse_hf_config(meta["hf_config"]):
+            raise ValueError(f"--base-hf-dir {base!r}: its config.json is not the model the adapters in "
+                             f"{megatron_dir!r} were trained on")
     return meta
+
+
+def lora_base_dir(meta: Dict[str, Any], given: Optional[str], megatron_dir: str) -> str:
+    """The HF checkpoint a LoRA checkpoint's adapters adapt: ``given`` (``--base-hf-dir``), else
+    the one the checkpoint recorded; it must exist and, when recorded, have the same weight files."""
+    from megatron_rlfp16.checkpoint.megatron_ckpt import base_fingerprint
+
+    lora = meta["lora"]
+    base = given or lora.get("base_hf_dir")
+    if not base or not os.path.isdir(base):
+        raise FileNotFoundError(f"{megatron_dir!r} holds LoRA adapters whose base model {base!r} is not a "
+                                "directory here; pass it with --base-hf-dir")
+    recorded = lora.get("base_fingerprint")
+    if recorded and recorded != base_fingerprint(base):
+        raise ValueError(f"--base-hf-dir {base!r}: its weight files ({base_fingerprint(base)}) are not the ones "
+                         f"the adapters were trained on ({recorded})")
+    return base
 
 
 def import_rank(hf_dir: str, megatron_dir: str, *, tp: int, pp: int, ep: int, dtype: str,
@@ -87,11 +125,10 @@ def import_rank(hf_dir: str, megatron_dir: str, *, tp: int, pp: int, ep: int, dt
     _log(f"[import] wrote distributed checkpoint {megatron_dir}")
 
 
-def export_rank(megatron_dir: str, hf_dir: str, *, tp: int, pp: int, ep: int, dtype: Optional[str],
-                overwrite: bool, max_shard_bytes: int = 2 << 30, bucket_bytes: int = 256 << 20) -> None:
-    import torch.distributed as dist
-
-    from megatron_rlfp16.bridge import StagingBuffer, export_hf
+def export_rank(megatron_dir: str, hf_dir: Optional[str], *, tp: int, pp: int, ep: int, dtype: Optional[str],
+                overwrite: bool, max_shard_bytes: int = 2 << 30, bucket_bytes: int = 256 << 20,
+                peft_dir: Optional[str] = None, base_hf_dir: Optional[str] = None) -> None:
+    from megatron_rlfp16.bridge import load_hf_checkpoint
     from megatron_rlfp16.models import build_model
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
 
@@ -99,11 +136,39 @@ def export_rank(megatron_dir: str, hf_dir: str, *, tp: int, pp: int, ep: int, dt
     meta = read_meta(megatron_dir)
     cfg = meta["hf_config"]
     model, arch = build_model(cfg, params_dtype=checkpoint_dtype(meta))
+    lora = meta.get("lora")
+    side_files = megatron_dir
+    if lora:  # the frozen base from its HF checkpoint, then the trained adapters
+        from megatron_rlfp16.lora import LoraConfig, apply_lora
+
+        side_files = lora_base_dir(meta, base_hf_dir, megatron_dir)
+        load_hf_checkpoint(model, arch, side_files)
+        apply_lora(model, arch, LoraConfig(rank=int(lora["rank"]), alpha=float(lora["alpha"]),
+                                           target_modules=tuple(lora["target_modules"])))
+        _log(f"[export] LoRA adapters (rank {lora['rank']}) on the base {side_files}")
     load_megatron_checkpoint(model, megatron_dir)
     out_dtype = parse_dtype(dtype) if dtype else checkpoint_dtype(meta)
+    if peft_dir:
+        _write_adapters(model, arch, lora, peft_dir, dtype=out_dtype, base=side_files, overwrite=overwrite)
+    if hf_dir:
+        write_hf_model(model, arch, hf_dir, hf_config=cfg, dtype=out_dtype, overwrite=overwrite,
+                       max_shard_bytes=max_shard_bytes, bucket_bytes=bucket_bytes, side_files_from=side_files,
+                       merge_lora=bool(lora))
+
+
+def write_hf_model(model, arch, hf_dir: str, *, hf_config: Dict[str, Any], dtype: torch.dtype, overwrite: bool = False,
+                   max_shard_bytes: int = 2 << 30, bucket_bytes: int = 256 << 20, side_files_from: Optional[str] = None,
+                   merge_lora: bool = False) -> None:
+    """Collective: writes the (sharded) Megatron ``model`` as an HF checkpoint directory (rank 0 writes,
+    atomically; ``config.json`` with ``dtype``, tokenizer files copied from ``side_files_from``).
+    ``merge_lora``: the adapted weights go out merged with their LoRA adapters."""
+    import torch.distributed as dist
+
+    from megatron_rlfp16.bridge import StagingBuffer, export_hf
+
     # The writer copies every tensor it receives, so one staging buffer serves all buckets.
-    stream = export_hf(model, arch, dtype=out_dtype, bucket_bytes=bucket_bytes, receivers=0,
-                       staging=StagingBuffer())
+    stream = export_hf(model, arch, dtype=dtype, bucket_bytes=bucket_bytes, receivers=0,
+                       staging=StagingBuffer(), merge_lora=merge_lora)
     if dist.get_rank() != 0:
         for _ in stream:  # collective: every rank drives the generator
             pass
@@ -119,12 +184,26 @@ def export_rank(megatron_dir: str, hf_dir: str, *, tp: int, pp: int, ep: int, dt
 
     with AtomicDir(hf_dir, overwrite=overwrite) as tmp:
         write_safetensors_shards(stream, tmp, max_shard_bytes=max_shard_bytes, progress=progress)
-        name = dtype_name(out_dtype)
-        cfg = dict(cfg, dtype=name, torch_dtype=name)
+        name = dtype_name(dtype)
+        cfg = dict(hf_config, dtype=name, torch_dtype=name)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
-        copy_side_files(megatron_dir, tmp)
-    _log(f"[export] wrote {hf_dir}")
+        copy_side_files(side_files_from, tmp)
+    _log(f"[export] wrote {hf_dir}" + (" (the base merged with the adapters)" if merge_lora else ""))
+
+
+def _write_adapters(model, arch, lora: Dict[str, Any], peft_dir: str, *, dtype, base: str, overwrite: bool) -> None:
+    """The adapters as a PEFT directory (collective: every rank takes part in the gather; rank 0 writes)."""
+    import torch.distributed as dist
+
+    from megatron_rlfp16.lora import LoraConfig, gather_adapters, write_peft_dir
+
+    tensors = gather_adapters(model, arch)
+    if dist.get_rank() == 0:
+        config = LoraConfig(rank=int(lora["rank"]), alpha=float(lora["alpha"]), dropout=float(lora.get("dropout", 0.0)))
+        write_peft_dir(tensors, config, peft_dir, base_model=os.path.abspath(base), overwrite=overwrite, dtype=dtype)
+        _log(f"[export] wrote {peft_dir} (PEFT LoRA adapter, {len(tensors)} tensors)")
+    dist.barrier()
 
 
 def _bridge_names(arch):

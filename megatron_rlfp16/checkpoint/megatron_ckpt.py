@@ -54,6 +54,48 @@ def read_meta(ckpt_dir: str) -> Dict[str, Any]:
     return meta
 
 
+def model_sharded_state_dict(model) -> Dict[str, Any]:
+    """The model's part of a checkpoint: Megatron's ``sharded_state_dict()``, or for a model with LoRA
+    adapters only the adapters (the frozen base comes from its HF checkpoint, recorded in the
+    checkpoint's ``rlfp16.json`` under "lora")."""
+    from megatron_rlfp16.bridge.context import unwrap
+
+    bare = unwrap(model)
+    sharded = bare.sharded_state_dict()
+    if getattr(bare, "_rlfp16_lora", None):
+        sharded = {k: v for k, v in sharded.items() if ".lora." in k}
+    return sharded
+
+
+def lora_meta(model, base_hf_dir: Optional[str]) -> Optional[Dict[str, Any]]:
+    """What ``rlfp16.json`` records of a model's LoRA adapters (None without): their config and the
+    base checkpoint they adapt, with a fingerprint of its weight files."""
+    from megatron_rlfp16.lora.layers import lora_config_of
+
+    config = lora_config_of(model)
+    if config is None:
+        return None
+    return dict(rank=config.rank, alpha=config.resolved_alpha, dropout=config.dropout,
+                target_modules=adapted_modules(model),
+                base_hf_dir=os.path.abspath(base_hf_dir) if base_hf_dir else None,
+                base_fingerprint=base_fingerprint(base_hf_dir) if base_hf_dir else None)
+
+
+def adapted_modules(model) -> list:
+    """The HF module names (``q_proj``, ...) a model's adapters cover."""
+    from megatron_rlfp16.bridge.context import unwrap
+
+    adapters = unwrap(model)._rlfp16_lora["adapters"].values()
+    return sorted({hf.rsplit(".", 1)[-1] for a in adapters for hf in a.hf_modules.values()})
+
+
+def base_fingerprint(hf_dir: str) -> str:
+    """Names and sizes of an HF checkpoint's weight files: enough to tell one base model from another
+    without reading them."""
+    names = sorted(n for n in os.listdir(hf_dir) if n.endswith((".safetensors", ".bin"))) if os.path.isdir(hf_dir) else []
+    return ";".join(f"{n}:{os.path.getsize(os.path.join(hf_dir, n))}" for n in names)
+
+
 def save_megatron_checkpoint(
     model,
     ckpt_dir: str,
@@ -64,12 +106,15 @@ def save_megatron_checkpoint(
     copy_files_from: Optional[str] = None,
     extra_files: Optional[Dict[str, str]] = None,
     keep_previous_as: Optional[str] = None,
+    lora_base: Optional[str] = None,
 ) -> None:
     """Collective: saves ``model`` (plus ``extra_state``, a sharded-state-dict fragment such as the
     optimizer's) to ``ckpt_dir`` atomically. Tokenizer/generation files found in ``copy_files_from``
     are kept with it so that a later export can hand them on. ``extra_files`` (name -> text, written
     by rank 0) go into the same atomic rename, e.g. a trainer's step and data position.
-    ``keep_previous_as`` (a path) keeps the checkpoint being replaced there instead of deleting it."""
+    ``keep_previous_as`` (a path) keeps the checkpoint being replaced there instead of deleting it.
+    A model with LoRA adapters saves only them; ``lora_base`` is the HF checkpoint they adapt
+    (recorded, so that a resume or an export finds it)."""
     from megatron.core import dist_checkpointing
 
     from megatron_rlfp16.bridge.context import unwrap
@@ -91,9 +136,10 @@ def save_megatron_checkpoint(
                 os.chmod(tmp, os.stat(target).st_mode & 0o7777)
         _barrier()
         bare = unwrap(model)
-        sharded = {"model": bare.sharded_state_dict()}
+        sharded = {"model": model_sharded_state_dict(bare)}
         if extra_state:
             sharded.update(extra_state)
+        lora = lora_meta(bare, lora_base)
         _start_writer_results_queue()
         dist_checkpointing.save(sharded, tmp)
         _barrier()
@@ -103,6 +149,8 @@ def save_megatron_checkpoint(
             dtype = next(bare.parameters()).dtype
             meta = dict(format_version=FORMAT_VERSION, hf_config=hf_config,
                         dtype=dtype_name(dtype))
+            if lora is not None:
+                meta["lora"] = lora
             with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=2)
             copy_side_files(copy_files_from, tmp)
@@ -200,10 +248,11 @@ def load_megatron_checkpoint(model, ckpt_dir: str, *, extra_state: Optional[Dict
 
     from megatron_rlfp16.bridge.context import unwrap
 
-    read_meta(ckpt_dir)
+    meta = read_meta(ckpt_dir)
     check_shard_files(ckpt_dir)
     bare = unwrap(model)
-    sharded = {"model": bare.sharded_state_dict()}
+    check_lora_matches(meta, bare, ckpt_dir)
+    sharded = {"model": model_sharded_state_dict(bare)}
     if extra_state:
         sharded.update(extra_state)
     try:
@@ -213,10 +262,37 @@ def load_megatron_checkpoint(model, ckpt_dir: str, *, extra_state: Optional[Dict
                               f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r})") from e
     missing, unexpected = bare.load_state_dict(loaded.pop("model"), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
+    if getattr(bare, "_rlfp16_lora", None):  # the frozen base is not in the checkpoint
+        missing = [k for k in missing if ".lora." in k]
     if missing or unexpected:
         raise RuntimeError(f"{ckpt_dir}: checkpoint does not match the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
     return loaded
+
+
+def check_lora_matches(meta: Dict[str, Any], model, ckpt_dir: str) -> None:
+    """A checkpoint with LoRA adapters loads only into a model with the same adapters, and one without
+    only into a model without; anything else is an error that says which side has what."""
+    from megatron_rlfp16.lora.layers import lora_config_of
+
+    saved, config = meta.get("lora"), lora_config_of(model)
+    if saved is None and config is None:
+        return
+    if saved is None:
+        raise CheckpointError(f"{ckpt_dir} holds a full model without LoRA adapters, and this run has LoRA "
+                              f"(rank {config.rank}); resume it without LoRA (--lora-rank 0), or start the "
+                              "LoRA run from an HF export of it (tools/convert_checkpoint.py export)")
+    if config is None:
+        raise CheckpointError(f"{ckpt_dir} holds LoRA adapters (rank {saved['rank']}) for the base "
+                              f"{saved.get('base_hf_dir')!r}, and this run has no LoRA; resume it with "
+                              f"--lora-rank {saved['rank']}, or export a merged model first "
+                              "(tools/convert_checkpoint.py export)")
+    mine = (config.rank, float(config.resolved_alpha), adapted_modules(model))
+    theirs = (saved["rank"], float(saved["alpha"]), sorted(saved.get("target_modules") or []))
+    if theirs != mine:
+        raise CheckpointError(f"{ckpt_dir} holds LoRA adapters of rank {theirs[0]}, alpha {theirs[1]} on "
+                              f"{', '.join(theirs[2])}; this run has rank {mine[0]}, alpha {mine[1]} on "
+                              f"{', '.join(mine[2])}: use the checkpoint's")
 
 
 def check_shard_files(ckpt_dir: str) -> None:

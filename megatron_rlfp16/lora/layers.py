@@ -125,7 +125,7 @@ def apply_lora(model, arch, config: LoraConfig, *, seed: int = 0) -> Dict[str, L
                          "adapters' replicated input would draw a different dropout mask on each rank; "
                          "valid: dropout 0 with TP > 1")
     bridge = Bridge(arch)
-    wanted = set(config.target_modules)
+    wanted = set(config.targets_for(arch.is_moe))
     adapters: Dict[str, LoraAdapter] = {}
     for p in bare.parameters():
         p.requires_grad_(False)
@@ -153,11 +153,44 @@ def apply_lora(model, arch, config: LoraConfig, *, seed: int = 0) -> Dict[str, L
         _init_A(adapter, ctx, seed, canonical)
         module.lora = adapter
         module.register_forward_hook(_hook, with_kwargs=True)
+        _shard_in_checkpoints(module, adapter, gated=key == "mlp.linear_fc1" and bool(getattr(
+            bare.config, "gated_linear_unit", False)))
         adapters[name] = adapter
     if not adapters:
-        raise ValueError(f"no module of this rank matches LoraConfig.target_modules={list(config.target_modules)}")
+        raise ValueError(f"no module of this rank matches LoraConfig.target_modules={sorted(wanted)}")
     bare._rlfp16_lora = dict(config=config, adapters=adapters)
     return adapters
+
+
+def _shard_in_checkpoints(module, adapter: LoraAdapter, *, gated: bool) -> None:
+    """Megatron's linears put every state-dict entry other than ``weight``/``bias`` in checkpoints
+    as replicated over TP, which would keep one rank's shard of ``B`` (column) or ``A`` (row) for
+    all. The adapted linear's ``sharded_state_dict`` shards them like the weight instead: column
+    ``B`` by rows (split into its gate and up halves for a fused SwiGLU ``fc1``, as Megatron splits
+    the weight), row ``A`` by columns; the replicated halves stay replicated. The concatenated
+    shards are then independent of the TP size, as the weights' are."""
+    original = module.sharded_state_dict
+
+    def sharded_state_dict(prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        out = original(prefix, sharded_offsets, metadata)
+        names = ("lora.A", "lora.B")
+        for name in names:
+            out.pop(prefix + name, None)
+        axis = {"lora.A": 1} if adapter.row_parallel else {"lora.B": 0}
+        mine = make_sharded_tensors_for_checkpoint(
+            {"lora.A": adapter.A, "lora.B": adapter.B}, prefix, axis, sharded_offsets,
+            tp_group=module.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"))
+        if gated:
+            key = prefix + "lora.B"
+            mine[key] = apply_swiglu_sharded_factory(mine[key], sharded_offsets,
+                                                     (metadata or {}).get("singleton_local_shards", False))
+        out.update(mine)
+        return out
+
+    module.sharded_state_dict = sharded_state_dict
 
 
 def _init_A(adapter: LoraAdapter, ctx, seed: int, canonical: str) -> None:
@@ -286,3 +319,40 @@ def lora_state_dict(model, arch, *, grads: bool = False) -> Dict[str, torch.Tens
 
 def trainable_parameters(model) -> List[torch.nn.Parameter]:
     return [p for adapter in _adapters(model).values() for p in (adapter.A, adapter.B)]
+
+
+def lora_config_of(model) -> Optional[LoraConfig]:
+    """The ``LoraConfig`` a model's adapters were made with; None for a model without LoRA."""
+    from megatron_rlfp16.bridge.context import unwrap
+
+    state = getattr(unwrap(model), "_rlfp16_lora", None)
+    return state["config"] if state else None
+
+
+class MergedWeight:
+    """``W + scale · B · A`` of one adapted linear, computed in FP32 when the export reaches it
+    (``bridge.core`` takes it where it takes a tensor: ``shape``, ``dtype``, ``device``,
+    ``materialize()``), so that a merged export holds one merged weight at a time."""
+
+    def __init__(self, module):
+        self.module = module
+        w = module.weight
+        self.shape, self.dtype, self.device = w.shape, w.dtype, w.device
+
+    @torch.no_grad()
+    def materialize(self) -> torch.Tensor:
+        adapter, w = self.module.lora, self.module.weight
+        B = adapter.B if adapter.mask is None else adapter.B * adapter.mask
+        return torch.addmm(w.float(), B.float(), adapter.A.float(), alpha=adapter.scale)
+
+
+def merged_named_parameters(model):
+    """``named_parameters()`` of the bare model with every adapted linear's ``weight`` replaced by its
+    :class:`MergedWeight` (the adapters themselves are skipped by the bridge's names)."""
+    from megatron_rlfp16.bridge.context import unwrap
+
+    bare = unwrap(model)
+    merged = {f"{name}.weight": MergedWeight(module) for name, module in bare.named_modules()
+              if isinstance(getattr(module, "lora", None), LoraAdapter)}
+    for name, param in bare.named_parameters():
+        yield name, merged.get(name, param)

@@ -14,13 +14,13 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def adapter_config(config: LoraConfig, *, base_model: Optional[str] = None) -> dict:
+def adapter_config(config: LoraConfig, *, base_model: Optional[str] = None, is_moe: bool = False) -> dict:
     """PEFT's ``LoraConfig`` fields for these adapters (the ones PEFT and vLLM read; PEFT fills the
     rest with its defaults)."""
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": config.rank, "lora_alpha": config.resolved_alpha, "lora_dropout": float(config.dropout),
-        "target_modules": sorted(config.target_modules), "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(config.targets_for(is_moe)), "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "modules_to_save": None, "inference_mode": True,
     }
 
@@ -45,11 +45,17 @@ def gather_adapters(model, arch) -> Dict[str, torch.Tensor]:
 
 def write_peft_dir(tensors: Dict[str, torch.Tensor], config: LoraConfig, out_dir: str, *,
                    base_model: Optional[str] = None, overwrite: bool = False, dtype=None) -> str:
-    """Writes ``tensors`` (PEFT-named) and their config to ``out_dir`` atomically; returns it."""
+    """Writes ``tensors`` (PEFT-named) and their config to ``out_dir`` atomically; returns it. The
+    config's ``target_modules`` are the modules the tensors adapt."""
+    import dataclasses
+
     from safetensors.torch import save_file
 
     from megatron_rlfp16.checkpoint.hf_io import AtomicDir
 
+    found = sorted({name.rsplit(".", 3)[-3] for name in tensors})
+    if found:
+        config = dataclasses.replace(config, target_modules=tuple(found))
     with AtomicDir(out_dir, overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(adapter_config(config, base_model=base_model), f, indent=2)

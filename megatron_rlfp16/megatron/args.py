@@ -15,7 +15,7 @@ import math
 import re
 from typing import List, Optional, Union
 
-from megatron_rlfp16.cli import positive_int
+from megatron_rlfp16.cli import add_lora_args, positive_int
 from megatron_rlfp16.losses import PolicyLossConfig
 from megatron_rlfp16.losses.registry import (
     ADVANTAGE_ESTIMATORS,
@@ -104,7 +104,8 @@ def _dest(flag: str) -> str:
 
 def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the "RL (megatron-rlfp16)" flags to ``parser`` and returns it (Megatron-LM's
-    ``extra_args_provider`` contract)."""
+    ``extra_args_provider`` contract), with the "LoRA (megatron-rlfp16)" group (``--lora-*``,
+    ``cli.lora_config_from_args``)."""
     defaults = {f.name: f.default for f in dataclasses.fields(PolicyLossConfig)}
     defaults.update({f.name: f.default for f in dataclasses.fields(RLConfig) if f.name != "loss"})
     g = parser.add_argument_group(
@@ -143,7 +144,7 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rl-routing-replay", "routing_replay", "MoE routing replay: none, r2 (updates replay the "
         "trainer's pi_old routing), r3 (every trainer forward replays the rollout engine's routing)",
         choices=("none", "r2", "r3"))
-    return parser
+    return add_lora_args(parser)
 
 
 def _reraise_with_flag(err: ValueError, flags: dict, prefix: str) -> ValueError:

@@ -106,6 +106,12 @@ def train_step(
     counts = global_counts(micro_batches, dp_group)
     if zero_grad:
         model.zero_grad_buffer()
+        # Megatron's FP32 optimizer leaves ``param.grad`` aliased to ``main_grad`` after its step;
+        # autograd would accumulate the next backward into that alias and DDP's hook would then add
+        # it to ``main_grad`` a second time (the first micro-batch's gradient counted twice). What
+        # Megatron-LM's loop does with ``optimizer.zero_grad()``.
+        for param in model.parameters():
+            param.grad = None
     forward_backward_func = forward_backward_func or get_forward_backward_func()
     store = forward_backward_func(
         forward_step_func=make_forward_step(

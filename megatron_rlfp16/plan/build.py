@@ -1,6 +1,7 @@
 """``build_run``: the run's objects from a ``RunPlan``, in the one correct order.
 
-runtime → model (built in the trainer's precision) → weights → FP32 islands → DDP → optimizer
+runtime → model (built in the trainer's precision) → weights → FP32 islands → LoRA adapters (a LoRA
+run: the base frozen) → DDP (the trainable parameters only) → optimizer
 (one grad scaler shared by its sub-optimizers) → optimizer step (sets the schedule's loss-scale
 hook) → rollout engine. Each stage is also a function of its own, for tools that need only some
 (the mismatch tool builds the model and the engine, no optimizer).
@@ -43,6 +44,26 @@ def build_model(plan: RunPlan, *, load_weights: bool = True):
     return model
 
 
+def add_adapters(model, plan: RunPlan, *, seed: int = 0):
+    """A LoRA run's adapters on a model not yet wrapped in DDP (``lora.apply_lora``); a model that
+    has them already must have the plan's; nothing for a full fine-tuning run."""
+    from megatron_rlfp16.lora import apply_lora
+    from megatron_rlfp16.lora.layers import lora_config_of
+
+    have = lora_config_of(model)
+    if have is not None or not plan.lora.enabled:
+        if have is not None and (not plan.lora.enabled or (have.rank, have.targets_for(plan.arch.is_moe)) != (
+                plan.lora.rank, plan.lora.target_modules)):
+            raise ValueError(f"the model handed to the trainer has LoRA adapters (rank {have.rank}) that do not "
+                             f"match TrainerConfig.lora (rank {plan.lora.rank})")
+        return model
+    if hasattr(model, "zero_grad_buffer"):
+        raise ValueError("TrainerConfig.lora: the model handed to the trainer is already wrapped in DDP, so "
+                         "adapters cannot be added; hand over the bare model (or add them with apply_lora first)")
+    apply_lora(model, plan.arch, plan.lora, seed=seed)
+    return model
+
+
 def wrap_model(model, plan: RunPlan):
     """Megatron DDP with the plan's arguments (a model already wrapped is returned as it is)."""
     from megatron_rlfp16.megatron.train import wrap_ddp
@@ -78,6 +99,7 @@ def build_run(plan: RunPlan, *, seed: int = 0, model=None, engine: bool = True) 
     init_runtime(plan, seed=seed)
     if model is None:
         model = build_model(plan)
+    add_adapters(model, plan, seed=seed)
     ddp = wrap_model(model, plan)
     if plan.rollout.return_routes or plan.routing_replay != "none":
         from megatron_rlfp16.megatron import routing
@@ -89,4 +111,4 @@ def build_run(plan: RunPlan, *, seed: int = 0, model=None, engine: bool = True) 
 
 
 
-__all__ = ["RunObjects", "build_engine", "build_model", "build_optimizer", "build_run", "init_runtime", "wrap_model"]
+__all__ = ["RunObjects", "add_adapters", "build_engine", "build_model", "build_optimizer", "build_run", "init_runtime", "wrap_model"]

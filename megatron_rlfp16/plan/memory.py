@@ -101,6 +101,30 @@ def params_per_rank(arch, *, tp: int, pp: int, ep: int = 1, etp: Optional[int] =
     return ParamCount(dense=dense, expert=layers * expert_layer)
 
 
+def lora_params_per_rank(arch, *, rank: int, targets, tp: int, pp: int) -> int:
+    """Adapter parameters of one rank (``megatron_rlfp16.lora``'s layout): a fused column-parallel
+    layer's ``A`` stacks its targeted roles (``[roles · r, in]``, replicated) and its ``B`` covers the
+    layer's whole local output (``[out / tp, roles · r]``); a row-parallel layer's ``A`` is split
+    by input columns (``[r, in / tp]``), its ``B`` replicated (``[out, r]``). MoE experts carry none."""
+    h, hd, r = arch.hidden_size, arch.head_dim, rank
+    targets = set(targets)
+    per_layer = 0
+    qkv = len(targets & {"q_proj", "k_proj", "v_proj"})
+    if qkv:
+        out = (arch.num_heads + 2 * arch.num_kv_heads) * hd
+        per_layer += qkv * r * h + out // tp * qkv * r
+    if "o_proj" in targets:
+        per_layer += r * arch.num_heads * hd // tp + h * r
+    if not arch.is_moe:
+        f = arch.ffn_hidden_size
+        gate_up = len(targets & {"gate_proj", "up_proj"})
+        if gate_up:
+            per_layer += gate_up * r * h + 2 * f // tp * gate_up * r
+        if "down_proj" in targets:
+            per_layer += r * f // tp + h * r
+    return arch.num_layers // pp * per_layer
+
+
 def activation_bytes(arch, *, tp: int, micro_batch_size: int, seq_length: int, dtype_bytes: int,
                      sequence_parallel: bool, recompute: str = "none", attention: str = "unfused",
                      fp32_logits: bool = True, layers: Optional[int] = None, last_stage: bool = True,
@@ -259,9 +283,12 @@ def plan_memory(arch, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[in
                 seq_length: int = 1024, micro_batches: int = 1, sequence_parallel: bool = False,
                 recompute: str = "none", attention: str = "unfused", engine_fraction: float = 0.0,
                 rollout_tp: int = 1, rollout_dtype_bytes: int = 2, device_bytes: Optional[int] = None,
-                offload: bool = False, bucket_bytes: int = 256 << 20) -> MemoryPlan:
+                offload: bool = False, bucket_bytes: int = 256 << 20, lora_rank: int = 0,
+                lora_targets: Tuple[str, ...] = ()) -> MemoryPlan:
     """The :class:`MemoryPlan` of a layout; every argument is a run-plan field (``resolve_plan``
-    makes the one of a run: ``RunPlan.memory``)."""
+    makes the one of a run: ``RunPlan.memory``). With ``lora_rank`` only the adapters
+    (``lora_params_per_rank``) have gradients, master weights and optimizer state; the frozen base
+    weights stay in the trainer's dtype."""
     inputs = {k: v for k, v in locals().items()}
     etp = etp or tp
     world = world_size or tp * pp * dp
@@ -278,9 +305,15 @@ def plan_memory(arch, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[in
         shard_dense = dp if distributed_optimizer else 1
         shard_expert = expert_dp if distributed_optimizer else 1
         sharded = count.dense / shard_dense + count.expert / shard_expert
+        trainable = count.total
+        weights = count.total
+        if lora_rank:
+            trainable = lora_params_per_rank(arch, rank=lora_rank, targets=lora_targets, tp=tp, pp=pp)
+            weights += trainable
+            sharded = trainable / shard_dense
         comp = dict(
-            weights=count.total * dtype_bytes,
-            gradients=count.total * (FP32_BYTES if fp32_grads else dtype_bytes),
+            weights=weights * dtype_bytes,
+            gradients=trainable * (FP32_BYTES if fp32_grads else dtype_bytes),
             master_weights=int(sharded * master_bytes),
             optimizer_state=int(sharded * ADAM_MOMENTS * FP32_BYTES),
             activations=acts,
@@ -300,7 +333,8 @@ def plan_memory(arch, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[in
     }
     settings = dict(tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, distributed_optimizer=distributed_optimizer,
                     recompute=recompute, attention=attention, offload=offload, micro_batch_size=micro_batch_size,
-                    seq_length=seq_length, engine_fraction=engine_fraction, rollout_tp=rollout_tp)
+                    seq_length=seq_length, engine_fraction=engine_fraction, rollout_tp=rollout_tp,
+                    lora_rank=lora_rank)
     return MemoryPlan(components=types.MappingProxyType(comp),
                       phases=types.MappingProxyType({k: types.MappingProxyType(v) for k, v in phases.items()}),
                       device_bytes=device_bytes, settings=types.MappingProxyType(settings),

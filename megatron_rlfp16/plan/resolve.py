@@ -8,13 +8,14 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from megatron_rlfp16.lora.config import LoraConfig
 from megatron_rlfp16.models import ModelArch, check_layout, parse_hf_config, read_config_json
 from megatron_rlfp16.models.builder import default_expert_tp, sequence_multiple, uses_sequence_parallel
 from megatron_rlfp16.plan.memory import (
     MemoryPlan, device_memory_bytes, plan_memory, resolved_attention, resolved_offload,
 )
 from megatron_rlfp16.precision import Precision, PrecisionConfig
-from megatron_rlfp16.rollout.engine import RolloutConfig
+from megatron_rlfp16.rollout.engine import LORA_FAMILIES, RolloutConfig, engine_lora_rank
 from megatron_rlfp16.runtime import ParallelConfig
 
 PROMPT_ROOM = 256
@@ -78,6 +79,10 @@ class RunPlan:
     """vLLM engine arguments added on a GPU only: for FP16 MoE rollouts ``moe_backend="triton"``,
     which keeps vLLM off FlashInfer's MoE kernels (its first choice for unquantized MoE on most
     GPUs; reported to corrupt FP16 outputs, docs/fp16.md). On CPU vLLM's own CPU MoE kernel runs."""
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    """The adapters (``rank`` 0: full fine-tuning), with ``sync`` resolved: "adapter" (only the
+    adapters go to the engine, which serves them as a LoRA) where vLLM serves LoRA for the family,
+    else "merged" (``W + scale · B · A`` through the full refit)."""
 
     def describe(self) -> dict:
         """A JSON-able summary (printed by dry runs, stored beside checkpoints)."""
@@ -99,6 +104,9 @@ class RunPlan:
             offload=self.offload, memory=self.memory.describe(),
             routing=dict(replay=self.routing_replay, engine_routes=bool(self.rollout.return_routes)),
             engine_gpu_kwargs=dict(self.engine_gpu_kwargs),
+            lora=dict(rank=self.lora.rank, alpha=self.lora.resolved_alpha, dropout=self.lora.dropout,
+                      target_modules=list(self.lora.target_modules), sync=self.lora.sync,
+                      engine_max_lora_rank=self.rollout.max_lora_rank) if self.lora.enabled else None,
         )
 
 
@@ -173,6 +181,11 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
     routing_replay = _check_routing(config, arch, rollout)
     rollout = dataclasses.replace(rollout, return_routes=arch.is_moe if rollout.return_routes is None
                                   else rollout.return_routes)
+    lora = _resolve_lora(config.lora, arch)
+    if lora.enabled and lora.sync == "adapter":
+        # The engine keeps its base weights through the training phase (sleep level 1): only the
+        # adapters are written after a step, and a level-2 sleep would discard the base.
+        rollout = dataclasses.replace(rollout, max_lora_rank=_engine_lora_limit(lora, rollout), sleep_level=1)
     if config.run.max_new_tokens >= rollout.max_model_len:
         raise ValueError(
             f"RunConfig.max_new_tokens={config.run.max_new_tokens} leaves no room for a prompt within "
@@ -195,6 +208,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         rollout_dtype_bytes=precision.rollout_precision.torch_dtype.itemsize,
         device_bytes=device_memory_bytes(memory_config), bucket_bytes=config.run.sync_bucket_mb << 20,
         offload=resolved_offload(memory_config),
+        lora_rank=lora.rank, lora_targets=tuple(lora.target_modules) if lora.enabled else (),
     )
     memory.check()  # before anything is allocated
     overrides = dict(precision.transformer_overrides(), **memory_config.recompute_overrides())
@@ -213,7 +227,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         group_size=config.rl.group_size, temperature=config.rl.temperature, rl_loss=config.rl.loss,
         distributed_optimizer=distributed, recompute=memory_config.recompute, attention=attention,
         offload=resolved_offload(memory_config), memory=memory,
-        routing_replay=routing_replay,
+        routing_replay=routing_replay, lora=lora,
         engine_gpu_kwargs=types.MappingProxyType(_engine_gpu_kwargs(arch, precision)),
         **batch,
     )
@@ -231,6 +245,32 @@ def _check_routing(config, arch: ModelArch, rollout: RolloutConfig) -> str:
                          "RolloutConfig.return_routes=False turns them off; valid: return_routes None or "
                          "True with r3, or routing_replay 'r2' / 'none'")
     return mode
+
+
+def _resolve_lora(lora: LoraConfig, arch: ModelArch) -> LoraConfig:
+    """The run's ``LoraConfig`` checked against the model, with ``sync`` decided."""
+    lora.validate(family=arch.family, is_moe=arch.is_moe)
+    if not lora.enabled:
+        return lora
+    serves = arch.family in LORA_FAMILIES
+    if lora.sync == "adapter" and not serves:
+        raise ValueError(f"LoraConfig.sync='adapter': vLLM serves no LoRA adapters for {arch.family}; valid: "
+                         "'merged' (or None, which picks it)")
+    return dataclasses.replace(lora, sync=lora.sync or ("adapter" if serves else "merged"),
+                               target_modules=lora.targets_for(arch.is_moe))
+
+
+def _engine_lora_limit(lora: LoraConfig, rollout: RolloutConfig) -> int:
+    """The engine's ``max_lora_rank``: the user's, when it holds the adapters, else the smallest vLLM
+    limit that does."""
+    if rollout.max_lora_rank is None:
+        return engine_lora_rank(lora.rank)
+    if rollout.max_lora_rank < lora.rank:
+        raise ValueError(f"LoraConfig.rank={lora.rank} is above RolloutConfig.max_lora_rank="
+                         f"{rollout.max_lora_rank}, the largest adapter the engine would serve; valid: a rank "
+                         f"<= {rollout.max_lora_rank}, or max_lora_rank None (the plan picks "
+                         f"{engine_lora_rank(lora.rank)})")
+    return rollout.max_lora_rank
 
 
 def _engine_gpu_kwargs(arch: ModelArch, precision: PrecisionConfig) -> dict:

@@ -218,7 +218,9 @@ class OptimizerStep:
             raise ValueError(f"checkpoint_state: sharding_type={sharding_type!r}; valid: {_SHARDING_TYPES}")
         if is_loading:
             self._allocate_optimizer_state()
-        model_state = unwrap(model).sharded_state_dict()
+        from megatron_rlfp16.checkpoint.megatron_ckpt import model_sharded_state_dict
+
+        model_state = model_sharded_state_dict(unwrap(model))
         metadata = {"distrib_optim_sharding_type": sharding_type}
         return {
             "optimizer": self.optimizer.sharded_state_dict(

@@ -16,6 +16,21 @@ import torch
 
 from megatron_rlfp16.rollout.batch import RolloutBatch
 
+ENGINE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The LoRA rank limits vLLM accepts for ``max_lora_rank`` (its ``LoRAConfig``; checked against the
+installed vLLM in tests/test_lora_config.py)."""
+LORA_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
+"""Families whose vLLM model serves LoRA adapters (``SupportsLoRA``): adapter-only sync works there."""
+
+
+def engine_lora_rank(rank: int) -> int:
+    """The smallest limit vLLM accepts that holds an adapter of ``rank``."""
+    for limit in ENGINE_LORA_RANKS:
+        if limit >= rank:
+            return limit
+    raise ValueError(f"LoRA rank {rank} is above the largest vLLM serves ({ENGINE_LORA_RANKS[-1]}); "
+                     "valid: a rank <= 512, or LoraConfig.sync='merged'")
+
 @dataclasses.dataclass(kw_only=True)
 class RolloutConfig:
     """The vLLM engine's own settings. Its precision is not one of them: it comes from the run's
@@ -45,7 +60,8 @@ class RolloutConfig:
     random ones without reading it (only right when a refit comes before the first generation, as the
     trainer's does). None: the run plan's choice ("dummy" for the trainer), "auto" standalone."""
     max_lora_rank: Optional[int] = None
-    """Start the engine with LoRA enabled, for adapters up to this rank (``set_adapter``); None: off."""
+    """Start the engine with LoRA enabled, for adapters up to this rank (``set_adapter``; one of
+    ``ENGINE_LORA_RANKS``); None: off, or the run plan's choice for a LoRA run with adapter sync."""
     return_routes: Optional[bool] = None
     """Capture the experts every MoE layer routed each token to (``RolloutBatch.routes``, see
     ``megatron_rlfp16.routing``): what routing replay (R3) replays and what router agreement is
@@ -64,9 +80,9 @@ class RolloutConfig:
             from megatron_rlfp16.precision import Precision
 
             Precision.parse(self.dtype, field="RolloutConfig.dtype")
-        if self.max_lora_rank is not None and (isinstance(self.max_lora_rank, bool)
-                                               or not isinstance(self.max_lora_rank, int) or self.max_lora_rank < 1):
-            raise ValueError(f"RolloutConfig.max_lora_rank={self.max_lora_rank!r}; valid: None or an integer >= 1")
+        if self.max_lora_rank is not None and self.max_lora_rank not in ENGINE_LORA_RANKS:
+            raise ValueError(f"RolloutConfig.max_lora_rank={self.max_lora_rank!r}; valid: None or one of vLLM's "
+                             f"limits {', '.join(map(str, ENGINE_LORA_RANKS))}")
         if self.return_routes not in (None, True, False):
             raise ValueError(f"RolloutConfig.return_routes={self.return_routes!r}; valid: None, True, False")
         if self.load_format not in (None, "auto", "dummy"):

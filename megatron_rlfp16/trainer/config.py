@@ -8,6 +8,7 @@ rollout engine         ``rollout.RolloutConfig`` (tp, max_model_len, ...)       
 RL objective           ``megatron.args.RLConfig`` (loss, estimator, group, T)    ``rl``
 precision              ``precision.PrecisionConfig``                             ``precision``
 memory layout          ``plan.memory.MemoryConfig`` (distributed optimizer, ...)  ``memory``
+LoRA adapters          ``lora.LoraConfig`` (rank, alpha, targets, sync)           ``lora``
 loop sizes, schedule   ``RunConfig`` (below)                                     ``run``
 =====================  ======================================================  ===================
 
@@ -24,6 +25,7 @@ import dataclasses
 from typing import Any, Dict, Optional
 
 from megatron_rlfp16.deprecation import warn_renamed
+from megatron_rlfp16.lora.config import LoraConfig
 from megatron_rlfp16.losses import PolicyLossConfig
 from megatron_rlfp16.megatron.args import RLConfig
 from megatron_rlfp16.plan.memory import MemoryConfig
@@ -149,6 +151,8 @@ class TrainerConfig:
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
     """Distributed optimizer, activation recompute, attention kernel, device memory (the memory plan)."""
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    """Low-rank adapters instead of full fine-tuning (``rank`` 0, the default: full fine-tuning)."""
     resume: bool = True
     """Continue from ``out_dir/checkpoint`` when it exists."""
     tensorboard: bool = True
@@ -173,6 +177,7 @@ class TrainerConfig:
         self.precision.validate()
         self.rollout.validate()
         self.memory.validate()
+        self.lora.validate()
         for name in ("tp", "pp", "ep"):
             value = getattr(self.parallel, name)
             if not _int_at_least(value, 1):

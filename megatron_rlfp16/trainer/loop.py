@@ -28,6 +28,8 @@ from megatron_rlfp16.trainer.metrics import MetricsLogger
 from megatron_rlfp16.trainer.sources import PromptSource
 
 RL_STATE = "rl_state.json"
+ADAPTER_SYNC_DIR = "adapter_sync"
+"""Under ``out_dir``: the PEFT directories of the adapter-only sync (the last two versions kept)."""
 MAX_PROMPT_DRAWS = 8
 """Draws from the source to fill a step's prompts when some do not fit the engine."""
 
@@ -58,6 +60,8 @@ class Trainer:
 
             self.offloader = TrainerOffload(self.model, self.optimizer)
         self.step = 0
+        self._base_in_engine = False  # adapter-only sync: the base goes in with the first sync
+        self._adapter_version = 0
         self.ckpt_dir = os.path.join(config.out_dir, "checkpoint")
         self._changes: Dict[str, str] = {}
         if config.resume:
@@ -90,7 +94,7 @@ class Trainer:
         timer.mark("logprobs")
         metrics = self.update(micro)
         timer.mark("train")
-        self.sync_weights()
+        moved = self.sync_weights()
         timer.mark("weight_sync")
         self.step += 1
         metrics.update(
@@ -101,6 +105,7 @@ class Trainer:
             prompts_used=float(len(examples) - len(batch.skipped)),
             truncated_frac=float(sum(not f for f in batch.finished) / max(1, len(batch))),
             loss_scale=self.stepper.loss_scale,
+            weight_sync_mib=moved["bytes"] / 2**20,
             **timer.metrics(),
         )
         if self.offloader:
@@ -263,12 +268,52 @@ class Trainer:
         return slice(rank * per, (rank + 1) * per)
 
     def sync_weights(self) -> Dict[str, float]:
-        """Streams the trainer's weights into the rollout engine (collective)."""
+        """Brings the trainer's weights into the rollout engine (collective); returns what moved.
+
+        Full fine-tuning streams every weight (the bridge's export, bucket by bucket). A LoRA run
+        with ``sync="merged"`` streams ``W + scale · B · A`` the same way; with ``sync="adapter"``
+        only the adapters move (``_sync_adapter``), after one full refit of the frozen base."""
         from megatron_rlfp16.bridge import export_hf
 
+        lora = self.plan.lora
+        if lora.enabled and lora.sync == "adapter" and self._base_in_engine:
+            return self._sync_adapter()
         stream = export_hf(self.model, self.arch, dtype=self.plan.export_dtype,
-                           bucket_bytes=self.plan.sync_bucket_bytes, scope="replica")
-        return self.engine.update_weights(stream)
+                           bucket_bytes=self.plan.sync_bucket_bytes, scope="replica",
+                           merge_lora=lora.enabled and lora.sync == "merged")
+        moved = self.engine.update_weights(stream)
+        if lora.enabled and lora.sync == "adapter":
+            self._base_in_engine = True  # the frozen base, once; the adapters follow
+            adapter = self._sync_adapter()
+            moved = dict(adapter, bytes=moved["bytes"] + adapter["bytes"],
+                         seconds=moved["seconds"] + adapter["seconds"])
+        return moved
+
+    def _sync_adapter(self) -> Dict[str, float]:
+        """Adapter-only sync: the adapters, gathered whole on every rank (collective), are written as a
+        PEFT directory by the first rank of each engine replica and the engine switches to that new
+        adapter version. Nothing of the base model moves; ``bytes`` counts the adapter tensors."""
+        from megatron_rlfp16.lora import gather_adapters, write_peft_dir
+
+        start = time.perf_counter()
+        tensors = gather_adapters(self.model, self.arch)
+        self._adapter_version += 1
+        replica_dir = os.path.join(self.config.out_dir, ADAPTER_SYNC_DIR, f"replica-{self.engine.replica_rank}")
+        path = os.path.join(replica_dir, f"v{self._adapter_version:08d}")
+        writer = self.rank % self.plan.rollout.tp == 0
+        if writer:
+            if self._adapter_version == 1:  # versions left by an earlier run of this out_dir
+                shutil.rmtree(replica_dir, ignore_errors=True)
+            write_peft_dir(tensors, self.plan.lora, path, base_model=self.config.hf_dir, overwrite=True,
+                           dtype=self.plan.export_dtype)
+        dist.barrier()
+        self.engine.set_adapter(path, rank=self.plan.lora.rank)
+        if writer and self._adapter_version > 2:  # vLLM loads this version at the next generate: the
+            stale = os.path.join(replica_dir, f"v{self._adapter_version - 2:08d}")  # one before is done
+            shutil.rmtree(stale, ignore_errors=True)
+        itemsize = self.plan.export_dtype.itemsize
+        return dict(tensors=len(tensors), bytes=sum(t.numel() * itemsize for t in tensors.values()),
+                    seconds=time.perf_counter() - start)
 
     # ---- the run ----------------------------------------------------------------------------
     def fit(self, *, stop_after: Optional[int] = None) -> List[Dict[str, float]]:
@@ -314,7 +359,7 @@ class Trainer:
         save_megatron_checkpoint(self.model, self.ckpt_dir, hf_config=self.hf_config, overwrite=True,
                                  extra_state=self.stepper.checkpoint_state(self.model),
                                  extra_files={RL_STATE: json.dumps(state, default=_jsonable)},
-                                 keep_previous_as=previous)
+                                 keep_previous_as=previous, lora_base=self.config.hf_dir)
         if self.rank == 0:
             for stale in kept_checkpoints(self.ckpt_dir)[:-(keep - 1) or None]:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -335,6 +380,7 @@ class Trainer:
         from megatron_rlfp16.checkpoint.hf_io import read_json
 
         state = read_json(os.path.join(self.ckpt_dir, RL_STATE))
+        self._check_lora_resume()
         changes = changed_settings(state.get("settings", {}), resume_settings(self.plan))
         if changes and not self.config.allow_changed_settings:
             listed = "; ".join(f"{k}: checkpoint {old!r}, this run {new!r}" for k, (old, new) in changes.items())
@@ -357,6 +403,19 @@ class Trainer:
         self.source.load_state_dict(state["source"])
         random.setstate(_tuplify(state["python_rng"]))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+
+    def _check_lora_resume(self) -> None:
+        """LoRA on one side only, other adapters or another base model cannot be resumed, whatever
+        ``allow_changed_settings`` says: the checkpoint's tensors would not fit or not mean the same."""
+        from megatron_rlfp16.checkpoint.megatron_ckpt import base_fingerprint, check_lora_matches, read_meta
+
+        meta = read_meta(self.ckpt_dir)
+        check_lora_matches(meta, self.model, self.ckpt_dir)
+        saved = meta.get("lora")
+        if saved and saved.get("base_fingerprint") not in (None, base_fingerprint(self.config.hf_dir)):
+            raise ValueError(f"{self.ckpt_dir} holds LoRA adapters trained on the base {saved.get('base_hf_dir')!r}, "
+                             f"whose weight files differ from {self.config.hf_dir!r} ({saved['base_fingerprint']} "
+                             f"vs {base_fingerprint(self.config.hf_dir)}); resume with the same base model")
 
     def _recover_checkpoint(self) -> None:
         """Rank 0 puts the last complete checkpoint back in place after a save was killed (and
@@ -391,6 +450,8 @@ def resume_settings(plan) -> Dict[str, object]:
         "loss": loss.loss,
         "layout": f"tp={p.tp} pp={p.pp} ep={p.ep}" + (f" etp={p.etp}" if p.etp != p.tp else ""),
         "routing_replay": plan.routing_replay,
+        "lora": (f"rank={plan.lora.rank} alpha={plan.lora.resolved_alpha:g} "
+                 f"targets={','.join(plan.lora.target_modules)}") if plan.lora.enabled else "off",
     }
 
 

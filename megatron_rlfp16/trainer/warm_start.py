@@ -38,23 +38,52 @@ def supervised_batches(source, examples, micro_batch_size: int, pad_to_multiple:
                       rollout_logprobs=torch.zeros(n, s - 1)), micro_batch_size)
 
 
-def warm_start(trainer, *, steps: int, batch_size: int, lr: float, seed: int = 0) -> List[Dict[str, float]]:
-    """``steps`` supervised optimizer steps on fresh task examples; returns per-step metrics."""
+def _supervised_steps(model, optimizer, stepper, source, *, arch, seq_multiple: int, steps: int, batch_size: int,
+                      lr: float, seed: int) -> List[Dict[str, float]]:
     from megatron_rlfp16.megatron.train import train_step
 
     history = []
-    saved = [g["lr"] for g in trainer.optimizer.param_groups]
-    for g in trainer.optimizer.param_groups:
+    saved = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
         g["lr"] = lr
     try:
         for step in range(steps):
-            examples = trainer.source.task.dataset(batch_size, seed=10_000_019 * (seed + 1) + step)
-            micro = supervised_batches(trainer.source, examples, batch_size, trainer.plan.seq_multiple)
-            out = train_step(trainer.model, micro, SFT_LOSS, vocab_size=trainer.arch.vocab_size)
-            out.update(trainer.stepper.step())
+            examples = source.task.dataset(batch_size, seed=10_000_019 * (seed + 1) + step)
+            micro = supervised_batches(source, examples, batch_size, seq_multiple)
+            out = train_step(model, micro, SFT_LOSS, vocab_size=arch.vocab_size)
+            out.update(stepper.step())
             history.append({k: float(v) for k, v in out.items()})
     finally:
-        for g, value in zip(trainer.optimizer.param_groups, saved):
+        for g, value in zip(optimizer.param_groups, saved):
             g["lr"] = value
+    return history
+
+
+def warm_start(trainer, *, steps: int, batch_size: int, lr: float, seed: int = 0) -> List[Dict[str, float]]:
+    """``steps`` supervised optimizer steps on fresh task examples (the trainer's trainable
+    parameters: the adapters of a LoRA run); returns per-step metrics."""
+    history = _supervised_steps(trainer.model, trainer.optimizer, trainer.stepper, trainer.source,
+                                arch=trainer.arch, seq_multiple=trainer.plan.seq_multiple, steps=steps,
+                                batch_size=batch_size, lr=lr, seed=seed)
     trainer.sync_weights()
+    return history
+
+
+def warm_start_base(config, source, out_hf_dir: str, *, steps: int, batch_size: int, lr: float,
+                    seed: int = 0) -> List[Dict[str, float]]:
+    """Collective: fine-tunes the whole model of ``config.hf_dir`` (no LoRA, no engine) for ``steps``
+    supervised steps and writes it to ``out_hf_dir`` as an HF checkpoint, the base a LoRA run then
+    adapts (what a pretrained or SFT model is to a real LoRA RL run). Returns per-step metrics."""
+    import dataclasses
+
+    from megatron_rlfp16.checkpoint.convert import write_hf_model
+    from megatron_rlfp16.lora import LoraConfig
+    from megatron_rlfp16.plan import build_run, resolve_plan
+
+    plan = resolve_plan(dataclasses.replace(config, lora=LoraConfig()))
+    run = build_run(plan, seed=seed, engine=False)
+    history = _supervised_steps(run.model, run.optimizer, run.stepper, source, arch=plan.arch,
+                                seq_multiple=plan.seq_multiple, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    write_hf_model(run.model, plan.arch, out_hf_dir, hf_config=dict(plan.hf_config), dtype=plan.trainer_dtype,
+                   overwrite=True, side_files_from=config.hf_dir)
     return history
