@@ -4,9 +4,9 @@ For the demo model (the embedded Llama: hidden 128, 2 layers, vocabulary 64) and
 one (hidden 1024, 8 layers, vocabulary 32000: 156 M parameters), in FP16, rank-8 adapters on all seven
 linear modules, a world of one:
 
-- **sync**: in the same rounds, interleaved, (a) the full refit the trainer runs without LoRA or with
-  ``sync="merged"`` (``engine.update_weights(export_hf(..., merge_lora=True))``) and (b) the adapter-only
-  sync (gather the adapters, write the PEFT directory, ``engine.set_adapter``). vLLM loads a new
+- **sync**: in the same rounds, interleaved, (a) the full refit full fine-tuning runs after every step
+  (``engine.update_weights(export_hf(...))``, every weight) and (b) the adapter-only sync (gather the
+  adapters, write the PEFT directory, ``engine.set_adapter``). vLLM loads a new
   adapter when the next generation starts, so each is timed together with one short generation, and
   the same generation without a sync before it (same adapter state) is subtracted. Figures are the
   median over the rounds; ``adapter/full`` is the headline ratio (issue target ≤ 0.1).
@@ -148,9 +148,9 @@ def family_job(name: str, rounds: int, threads: int) -> Dict:
     def generate():
         return engine.generate(probe, n=1, temperature=0.0, max_tokens=2, seed=0)
 
-    def full_sync():
+    def full_sync():  # what full fine-tuning syncs: every weight (the base here, the adapter set aside)
         engine.set_adapter(None)
-        return engine.update_weights(export_hf(model, arch, dtype=FP16, merge_lora=True))["bytes"]
+        return engine.update_weights(export_hf(model, arch, dtype=FP16))["bytes"]
 
     version = [0]
 

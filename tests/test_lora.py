@@ -6,6 +6,10 @@ gate/up), and at TP=2 with sequence parallelism for a Qwen3-MoE (attention adapt
 experts is refused). Checked: log-probs against ``peft``'s model in FP32; the adapters read back
 (``lora_state_dict``) bit-exact; only adapter parameters train; the gradients of one RL loss
 (``train_step``, Megatron DDP) equal ``peft``'s gradients of the same loss, adapter by adapter.
+
+In the same spawn: adapters checkpointed at TP=2 load at PP=2 bit-exact (the checkpoint holds no base
+weights); LoRA on one side of a load only is refused; an FP16 step with overflowing gradients is
+skipped with every parameter bit-identical, and the FP16 optimizer's FP32 masters are the adapters.
 """
 import pytest
 import torch

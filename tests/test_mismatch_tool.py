@@ -95,3 +95,54 @@ def test_an_out_path_that_is_a_file_is_refused_before_measuring(tmp_path, capsys
 def test_missing_hf_dir(tmp_path, capsys):
     assert load_tool().main(["--hf-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_real_prompts_are_tokenized_with_the_checkpoints_chat_template(tmp_path, capsys):
+    """``--prompts``: the rows of a JSONL file, through the checkpoint's own tokenizer and chat template
+    (checked against transformers' ``apply_chat_template`` here), are what the engine samples from."""
+    import transformers
+
+    from megatron_rlfp16.testing.tiny import make_chat_model
+
+    hf = make_chat_model(str(tmp_path / "chat"), seed=1)
+    rows = [{"prompt": "what is 2 + 3 ?"}, {"messages": [{"role": "system", "content": "be brief"},
+                                                        {"role": "user", "content": "name a colour"}]},
+            {"prompt": "count to five"}, {"prompt": "unused: past --num-prompts"}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "report"
+    assert load_tool().main(["--hf-dir", hf, "--out", str(out), "--dtypes", "float32", "--prompts", str(data),
+                             "--num-prompts", "3", "--max-tokens", "8"]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    chats = [[{"role": "user", "content": rows[0]["prompt"]}], rows[1]["messages"],
+             [{"role": "user", "content": rows[2]["prompt"]}]]
+    lengths = [len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)["input_ids"])
+               for c in chats]
+    summary = json.loads((out / "mismatch.json").read_text())["float32"]
+    assert summary["num_prompts"] == 3 and summary["prompt_tokens_mean"] == pytest.approx(sum(lengths) / 3)
+    assert summary["prob_diff_mean"] < 1e-4  # FP32 on both sides
+    assert "3 prompts from" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("content,needle", [
+    ('{"prompt": "ok"}\n{"prompt": \n', "prompts.jsonl:2: invalid JSON"),
+    ('{"question": "hi"}\n', "prompts.jsonl:1: no field 'prompt' or 'messages' (choose the field with --prompt-field)"),
+    ('{"prompt": "  "}\n', "prompts.jsonl:1: field 'prompt' must be a non-empty string"),
+])
+def test_bad_prompt_files_name_the_line(tmp_path, capsys, content, needle):
+    from megatron_rlfp16.testing.tiny import make_chat_model
+
+    hf = make_chat_model(str(tmp_path / "chat"), seed=1)
+    (tmp_path / "prompts.jsonl").write_text(content)
+    assert load_tool().main(["--hf-dir", hf, "--out", str(tmp_path / "o"), "--prompts",
+                             str(tmp_path / "prompts.jsonl")]) == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_prompts_need_a_tokenizer(tmp_path, capsys):
+    hf = make_tiny_model("llama", str(tmp_path / "hf"))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    assert load_tool().main(["--hf-dir", hf, "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl")]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err

@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size of trainer and engine")
     p.add_argument("--num-prompts", type=positive_int, default=16, help="prompts sampled (default 16)")
     p.add_argument("--prompt-len", type=positive_int, default=16, help="longest random prompt in tokens")
+    p.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                   help="sample from these prompts (one JSON object per line, with --prompt-field or a "
+                        "'messages' chat list; the first --num-prompts rows), tokenized with the checkpoint's "
+                        "own tokenizer and chat template; default: random token prompts")
+    p.add_argument("--prompt-field", default="prompt", help="the JSONL field holding the prompt text")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="with --prompts: encode the text as it is, without the tokenizer's chat template")
     p.add_argument("--max-tokens", type=positive_int, default=48, help="tokens sampled per prompt (default 48)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--seed", type=int, default=0)
@@ -56,15 +63,25 @@ def main(argv=None) -> int:
         if args.routing_replay and not arch.is_moe:
             raise ValueError(f"--routing-replay: {args.hf_dir} is a dense model ({arch.family}), it has "
                              "no router to replay; valid with Qwen3-MoE and Mixtral checkpoints")
+        prompts = {}
+        if args.prompts:  # tokenized once, here: every dtype samples from the same ids
+            read = report.read_prompts(args.prompts, args.hf_dir, num_prompts=args.num_prompts,
+                                       prompt_field=args.prompt_field, chat_template=not args.no_chat_template)
+            prompts = dict(prompt_ids=read["ids"], stop_ids=read["stop_ids"])
+            print(f"[mismatch] {len(read['ids'])} prompts from {args.prompts} (lines {read['lines'][0]}-"
+                  f"{read['lines'][-1]}; chat template: {'yes' if read['chat_template'] else 'no'}; "
+                  f"{sum(map(len, read['ids'])) / len(read['ids']):.1f} tokens on average)", file=sys.stderr, flush=True)
         results = {}
         for dtype in dtypes:
             start = time.monotonic()
-            print(f"[mismatch] {dtype}: loading Megatron and vLLM, sampling {args.num_prompts} prompts",
+            print(f"[mismatch] {dtype}: loading Megatron and vLLM, sampling "
+                  f"{len(prompts['prompt_ids']) if prompts else args.num_prompts} prompts",
                   file=sys.stderr, flush=True)
             per_rank = run_on_ranks(
                 report.measure_rank, args.tp, args.hf_dir, dtype, tp=args.tp,
                 num_prompts=args.num_prompts, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
                 temperature=args.temperature, seed=args.seed, routing_replay=args.routing_replay, timeout=3600,
+                **prompts,
             )
             replayed = per_rank[0].pop("r3", None)
             results[dtype] = per_rank[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -43,14 +43,60 @@ def make_prompts(vocab_size: int, num_prompts: int, prompt_len: int, seed: int) 
     return [torch.randint(0, vocab_size, (int(n),), generator=g).tolist() for n in lengths]
 
 
+def read_prompts(path: str, hf_dir: str, *, num_prompts: int, prompt_field: str = "prompt",
+                 chat_template: bool = True) -> Dict:
+    """The first ``num_prompts`` rows of a JSONL file (``{prompt_field: text}`` or ``{"messages":
+    [...]}`` per line), tokenized as the trainer would: the checkpoint's own tokenizer and chat
+    template (``prompts.PromptBuilder``). Returns ``ids`` (token lists), ``stop_ids`` (the checkpoint's
+    end-of-turn tokens) and ``lines``. Errors name the file and line."""
+    from megatron_rlfp16.prompts import PromptBuilder, PromptConfig, load_tokenizer, stop_token_ids
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--prompts {path!r} is not a file")
+    tokenizer = load_tokenizer(hf_dir)
+    builder = PromptBuilder(tokenizer, PromptConfig(chat_template=chat_template))
+    ids, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or (prompt_field not in row and "messages" not in row):
+                raise ValueError(f"{where}: no field {prompt_field!r} or 'messages' (choose the field with "
+                                 "--prompt-field)")
+            prompt = row.get(prompt_field)
+            if row.get("messages") is None and not (isinstance(prompt, str) and prompt.strip()):
+                raise ValueError(f"{where}: field {prompt_field!r} must be a non-empty string")
+            try:
+                tokens = builder.encode(prompt or "", row.get("messages"))
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            ids.append(tokens)
+            lines.append(lineno)
+            if len(ids) == num_prompts:
+                break
+    if not ids:
+        raise ValueError(f"--prompts {path!r}: no prompt in the file")
+    return dict(ids=ids, lines=lines, stop_ids=stop_token_ids(hf_dir, tokenizer),
+                chat_template=builder.uses_chat_template)
+
+
 def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16, prompt_len: int = 16,
                  max_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
-                 routing_replay: bool = False) -> Dict:
+                 routing_replay: bool = False, prompt_ids: Optional[List[List[int]]] = None,
+                 stop_ids: Optional[List[int]] = None) -> Dict:
     """One dtype, run on every rank of a world of ``tp`` ranks. Returns metrics and per-token data.
 
     For an MoE checkpoint the engine also returns its routes and the metrics include router
     agreement; with ``routing_replay`` the same samples are re-scored a second time replaying the
-    engine's routes (R3), returned under ``"r3"``."""
+    engine's routes (R3), returned under ``"r3"``. The metrics also hold ``num_prompts`` and
+    ``prompt_tokens_mean`` (what was sampled from). ``prompt_ids`` are the prompts to sample from
+    (``read_prompts``; generation then stops at ``stop_ids``); without them, random token prompts
+    (``make_prompts``)."""
     from megatron_rlfp16.bridge import export_hf
     from megatron_rlfp16.megatron import routing
     from megatron_rlfp16.megatron.recompute import compute_logprobs
@@ -64,7 +110,8 @@ def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16,
     # The trainer's own plan: one PrecisionConfig drives both sides, FP32 islands included.
     plan = resolve_plan(TrainerConfig(
         hf_dir=hf_dir, parallel=ParallelConfig(tp=tp), precision=PrecisionConfig(trainer=dtype),
-        rollout=RolloutConfig(tp=tp, seed=seed, max_model_len=prompt_len + max_tokens + 1),
+        rollout=RolloutConfig(tp=tp, seed=seed, max_model_len=(max(map(len, prompt_ids)) if prompt_ids else prompt_len)
+                              + max_tokens + 1),
     ), hf_config=None)
     if routing_replay and not plan.arch.is_moe:
         raise ValueError(f"--routing-replay: {hf_dir} is a dense model ({plan.arch.family}), it has no "
@@ -78,8 +125,9 @@ def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16,
     # As the trainer does: the engine gets Megatron's weights through the refit, so its FP32 islands
     # (LM head, MoE gates) hold the trainer's values, not the checkpoint's unrounded ones.
     engine.update_weights(export_hf(model, arch, dtype=plan.export_dtype, bucket_bytes=plan.sync_bucket_bytes))
-    prompts = make_prompts(arch.vocab_size, num_prompts, prompt_len, seed)
-    batch = engine.generate(prompts, temperature=temperature, max_tokens=max_tokens, seed=seed)
+    prompts = prompt_ids or make_prompts(arch.vocab_size, num_prompts, prompt_len, seed)
+    batch = engine.generate(prompts, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                            stop_token_ids=stop_ids or None)
     tokens, mask, rollout = batch.to_tensors(pad_to_multiple=plan.seq_multiple)
     micro = dict(input_ids=tokens)
     if hub is not None:
@@ -94,9 +142,12 @@ def measure_rank(hf_dir: str, dtype: str, *, tp: int = 1, num_prompts: int = 16,
             hub.finish()
         return _result(train, rollout, mask, agreement)
 
+    sampled = dict(num_prompts=float(len(prompts)), prompt_tokens_mean=sum(map(len, prompts)) / len(prompts))
     result = score(replay=False)
+    result["metrics"].update(sampled)
     if routing_replay:
         result["r3"] = score(replay=True)
+        result["r3"]["metrics"].update(sampled)
     engine.close()  # last: vLLM's teardown also ends the process group
     return result
 
