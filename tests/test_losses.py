@@ -23,7 +23,7 @@ from megatron_rlfp16.losses import (
 )
 
 LOSSES = ["ppo_clip", "gspo", "pg", "cispo"]
-CORRECTIONS = [None, "token_tis", "token_mis", "seq_tis", "seq_mis", "icepop"]
+CORRECTIONS = [None, "token_tis", "token_mis", "seq_tis", "seq_mis", "geo_seq_tis", "geo_seq_mis", "icepop"]
 AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 B, T = 5, 7
 LENGTHS = [7, 3, 0, 5, 1]  # ragged, with one fully padded row
@@ -68,18 +68,33 @@ def naive_loss(lp, old, mu, adv, mask, cfg, ref=None, ent=None, num_tokens=None,
     def seq_rho(b):
         return math.exp(sum(prox(b, t) - mu[b][t] for t in masked_ts(b)))
 
+    def geo_rho(b):  # the geometric mean of the token ratios
+        ts = masked_ts(b)
+        return math.exp(sum(prox(b, t) - mu[b][t] for t in ts) / len(ts))
+
+    def vetoed(b):
+        tau = cfg.get("veto")
+        return tau is not None and any(math.exp(prox(b, t) - mu[b][t]) < tau for t in masked_ts(b))
+
     def weight(b, t):
+        return 0.0 if vetoed(b) else corrected(b, t)
+
+    def corrected(b, t):
         rho_t = math.exp(prox(b, t) - mu[b][t])
         if corr is None:
             return 1.0
         if corr == "token_tis":
             return min(rho_t, cap)
         if corr == "token_mis":
-            return rho_t if rho_t <= cap else 0.0
+            return rho_t if floor <= rho_t <= cap else 0.0
         if corr == "seq_tis":
             return min(seq_rho(b), cap)
         if corr == "seq_mis":
-            return seq_rho(b) if seq_rho(b) <= cap else 0.0
+            return seq_rho(b) if floor <= seq_rho(b) <= cap else 0.0
+        if corr == "geo_seq_tis":
+            return min(geo_rho(b), cap)
+        if corr == "geo_seq_mis":
+            return geo_rho(b) if floor <= geo_rho(b) <= cap else 0.0
         if corr == "icepop":
             return rho_t if floor <= rho_t <= cap else 0.0
         raise AssertionError(corr)
@@ -166,7 +181,7 @@ def make_batch(seed=0, lengths=LENGTHS, token_adv=False, float_mask=False, sprea
 def run_both(batch, cfg: dict, bypass=False, num_tokens=None, num_seqs=None):
     """(package loss, package grad, naive loss, naive grad) for one batch and config."""
     fields = dict(cfg)
-    for short, full in (("cap", "correction_cap"), ("floor", "correction_floor")):
+    for short, full in (("cap", "correction_cap"), ("floor", "correction_floor"), ("veto", "correction_veto")):
         if short in fields:
             fields[full] = fields.pop(short)
     config = PolicyLossConfig(**fields)
@@ -224,12 +239,22 @@ def exercises_every_branch(batch, cfg) -> bool:
         ok = True
     token_rho = [math.exp(prox[b][t] - mu[b][t]) for b, ts in rows for t in ts]
     seq_rho = [math.exp(sum(prox[b][t] - mu[b][t] for t in ts)) for b, ts in rows]
+    geo_rho = [math.exp(sum(prox[b][t] - mu[b][t] for t in ts) / len(ts)) for b, ts in rows]
     below_cap = lambda r: r <= cap  # noqa: E731
+    in_band = lambda r: floor <= r <= cap  # noqa: E731
     corr = cfg["correction"]
-    if corr in ("token_tis", "token_mis"):
+    if corr == "token_tis":
         ok &= _both_sides(token_rho, below_cap)
-    elif corr in ("seq_tis", "seq_mis"):
+    elif corr == "token_mis":
+        ok &= _both_sides(token_rho, in_band)
+    elif corr == "seq_tis":
         ok &= _both_sides(seq_rho, below_cap)
+    elif corr == "seq_mis":
+        ok &= _both_sides(seq_rho, in_band)
+    elif corr == "geo_seq_tis":
+        ok &= _both_sides(geo_rho, below_cap)
+    elif corr == "geo_seq_mis":
+        ok &= _both_sides(geo_rho, in_band)
     elif corr == "icepop":
         ok &= _both_sides(token_rho, lambda r: floor <= r <= cap)
     return ok
@@ -280,6 +305,29 @@ def test_uncapped_correction(loss, correction):
     """cap = inf is the plain importance weight (pg + seq_tis is the FP16 paper's PG-Seq-IS)."""
     cfg = dict(loss=loss, correction=correction, cap=float("inf"), clip_low=0.2, clip_high=0.2)
     assert_matches(make_batch(seed=6, spread=0.6), cfg)
+
+
+@pytest.mark.parametrize("correction", [None, "token_tis", "geo_seq_mis"])
+@pytest.mark.parametrize("loss", ["pg", "ppo_clip"])
+def test_veto_rejects_a_sequence_with_one_unlikely_token(loss, correction):
+    """A sequence with any token whose ratio is below τ gets weight 0 (on top of the correction)."""
+    cfg = dict(loss=loss, correction=correction, veto=0.5, clip_low=0.2, clip_high=0.2, floor=0.5)
+
+    def partly_vetoed(batch):  # data on which some sequences are vetoed and some are not
+        return 0 < float(run_both(batch, cfg)[4]["correction_zeroed_frac"]) < 1
+
+    batch = next(b for b in (make_batch(seed=s, spread=0.4) for s in range(11, 200)) if partly_vetoed(b))
+    loss_value = run_both(batch, cfg)[0]
+    assert_matches(batch, cfg)
+    assert not torch.isclose(loss_value, run_both(batch, dict(cfg, veto=None))[0]), "the veto must bind here"
+
+
+def test_veto_and_floor_are_checked():
+    with pytest.raises(ValueError, match=r"PolicyLossConfig.correction_veto=1.5 is invalid; valid: None or a number in \(0, 1\)"):
+        PolicyLossConfig(correction_veto=1.5)
+    with pytest.raises(ValueError, match="rollout_logprobs is None but config.correction_veto=0.1 needs it"):
+        x = torch.zeros(1, 2)
+        policy_loss(x, x, None, torch.ones(1), torch.ones(1, 2, dtype=torch.bool), PolicyLossConfig(correction_veto=0.1))
 
 
 def test_icepop_floor_and_norm_length():

@@ -18,7 +18,7 @@ from megatron_rlfp16.megatron import (
 
 FLAGS = [
     "--rl-loss", "--rl-clip-low", "--rl-clip-high", "--rl-dual-clip", "--rl-correction",
-    "--rl-correction-cap", "--rl-correction-floor", "--rl-agg", "--rl-norm-length", "--rl-kl-coef",
+    "--rl-correction-cap", "--rl-correction-floor", "--rl-correction-veto", "--rl-agg", "--rl-norm-length", "--rl-kl-coef",
     "--rl-kl-estimator", "--rl-entropy-coef", "--rl-advantage-estimator", "--rl-group-size",
     "--rl-temperature", "--rl-routing-replay",
 ]

@@ -38,7 +38,7 @@ class PolicyLossConfig:
 
     correction: Optional[str] = None
     """Rollout (training–inference mismatch) correction: None, "token_tis", "token_mis", "seq_tis",
-    "seq_mis", "icepop" or a name added with ``register_correction``. Any value but None needs
+    "seq_mis", "geo_seq_tis", "geo_seq_mis", "icepop" or a name added with ``register_correction``. Any value but None needs
     ``rollout_logprobs``."""
 
     correction_cap: float = 2.0
@@ -46,8 +46,14 @@ class PolicyLossConfig:
     tokens or sequences with ρ > C. ``float('inf')`` gives the uncapped importance weight (PG-Seq-IS)."""
 
     correction_floor: float = 0.0
-    """Lower bound for "icepop": tokens with ρ below it are dropped too. In [0, correction_cap]. Only
-    "icepop" reads it."""
+    """Lower bound F of the masks ("token_mis", "seq_mis", "geo_seq_mis", "icepop"): tokens or
+    sequences with ρ below it are dropped too (two-sided). In [0, correction_cap]; 0 is one-sided.
+    The truncations (TIS) do not read it."""
+
+    correction_veto: Optional[float] = None
+    """Veto threshold τ: a sequence with any token whose ρ_t = π_prox/μ is below τ gets weight 0, on
+    top of the correction (verl's ``rollout_token_veto_threshold``). None disables it; in (0, 1).
+    Needs ``rollout_logprobs``."""
 
     agg: str = "token-mean"
     """How per-token losses become one scalar: "token-mean", "seq-mean-token-sum",
@@ -100,6 +106,8 @@ class PolicyLossConfig:
                 "correction_floor", self.correction_floor,
                 f"0 <= correction_floor <= correction_cap (= {self.correction_cap!r})",
             )
+        if self.correction_veto is not None and not 0 < self.correction_veto < 1:
+            raise _bad("correction_veto", self.correction_veto, "None or a number in (0, 1)")
         for field in ("kl_coef", "entropy_coef"):
             if not math.isfinite(getattr(self, field)):
                 raise _bad(field, getattr(self, field), "a finite number")

@@ -55,12 +55,13 @@ def token_tis(log_rho, mask, config) -> torch.Tensor:
 
 @register_correction("token_mis")
 def token_mis(log_rho, mask, config) -> torch.Tensor:
-    """Token-level masked IS: w_t = ρ_t·1{ρ_t ≤ C}. Returns ``[B, T]``.
+    """Token-level masked IS: w_t = ρ_t·1{F ≤ ρ_t ≤ C}, F = ``correction_floor`` (0: one-sided).
+    Returns ``[B, T]``.
 
     Drops the tokens whose mismatch is too large instead of clamping them, so they add no biased
     gradient (one of the corrections compared in https://arxiv.org/abs/2510.26788).
     """
-    return _mask(log_rho, config.correction_cap)
+    return _mask(log_rho, config.correction_cap, config.correction_floor)
 
 
 @register_correction("seq_tis")
@@ -80,7 +81,39 @@ def seq_mis(log_rho, mask, config) -> torch.Tensor:
     A whole sequence is dropped when its likelihood ratio exceeds C (PG-Seq-MIS / GRPO-Seq-MIS in
     https://arxiv.org/abs/2510.26788). Returns ``[B, 1]``.
     """
-    return _mask(_sequence_log_rho(log_rho), config.correction_cap)
+    return _mask(_sequence_log_rho(log_rho), config.correction_cap, config.correction_floor)
+
+
+def _geometric_log_rho(log_rho: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    count = mask.sum(-1, keepdim=True).clamp(min=1).to(log_rho.dtype)
+    return log_rho.sum(-1, keepdim=True) / count
+
+
+@register_correction("geo_seq_tis")
+def geo_seq_tis(log_rho, mask, config) -> torch.Tensor:
+    """Geometric-mean sequence TIS: w = min(ρ_geo, C), ρ_geo = exp(Σ_t m_t log ρ_t / Σ_t m_t).
+
+    The per-token average of the sequence's log-ratio: unlike the product it does not grow with the
+    length, so one cap suits short and long responses (verl's "geometric" sequence ratio; GSPO's
+    length-normalized ratio applied to the rollout correction). Returns ``[B, 1]``.
+    """
+    return _truncate(_geometric_log_rho(log_rho, mask), config.correction_cap)
+
+
+@register_correction("geo_seq_mis")
+def geo_seq_mis(log_rho, mask, config) -> torch.Tensor:
+    """Geometric-mean sequence MIS: w = ρ_geo·1{F ≤ ρ_geo ≤ C}, ρ_geo as in ``geo_seq_tis``: a whole
+    sequence is dropped when its per-token mismatch leaves the band. Returns ``[B, 1]``.
+    """
+    return _mask(_geometric_log_rho(log_rho, mask), config.correction_cap, config.correction_floor)
+
+
+def veto(log_rho: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1 for a sequence none of whose tokens has ρ_t < ``threshold``, else 0 (``[B, 1]``): one token
+    the trainer finds far less likely than the engine did rejects its sequence (verl's
+    ``rollout_token_veto_threshold``)."""
+    low = (log_rho < math.log(threshold)) & mask
+    return (~low.any(-1, keepdim=True)).to(log_rho.dtype)
 
 
 @register_correction("icepop")

@@ -17,6 +17,7 @@ import torch
 from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
 
 from megatron_rlfp16.losses.config import PolicyLossConfig
+from megatron_rlfp16.losses.correction import veto
 from megatron_rlfp16.losses.registry import AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
 
 Count = Union[int, float, torch.Tensor]
@@ -102,6 +103,8 @@ def policy_loss(
         )
     if rollout_logprobs is None and config.correction is not None:
         raise ValueError(f"rollout_logprobs is None but config.correction={config.correction!r} needs it")
+    if rollout_logprobs is None and config.correction_veto is not None:
+        raise ValueError(f"rollout_logprobs is None but config.correction_veto={config.correction_veto!r} needs it")
     if rollout_logprobs is None and old_logprobs is None:
         raise ValueError("old_logprobs and rollout_logprobs are both None; bypass mode (old_logprobs=None) "
                          "uses rollout_logprobs as π_old, so pass at least one")
@@ -133,10 +136,14 @@ def policy_loss(
     token_loss = terms.loss
     one = torch.ones((), dtype=dtype, device=lp.device)
     weight, zeroed = one.expand(shape), torch.zeros_like(mask)
-    if config.correction is not None:
+    corrected = config.correction is not None or config.correction_veto is not None
+    if corrected:
         proximal = old if objective.proximal == "old" else lp.detach()
         log_rho = (proximal - mu).masked_fill(~mask, 0.0)
-        weight = CORRECTIONS.get(config.correction)(log_rho, mask, config).detach().expand(shape)
+        if config.correction is not None:
+            weight = CORRECTIONS.get(config.correction)(log_rho, mask, config).detach().expand(shape)
+        if config.correction_veto is not None:
+            weight = weight * veto(log_rho, mask, config.correction_veto).expand(shape)
         zeroed = weight == 0
         token_loss = weight * token_loss
 
@@ -162,8 +169,8 @@ def policy_loss(
             "clip_frac": _masked_mean(terms.clipped.to(dtype), mask, local_tokens),
             "ratio_mean": _masked_mean(terms.ratio, mask, local_tokens),
             "ratio_max": _masked_max(terms.ratio, mask),
-            "correction_weight_mean": _masked_mean(weight, mask, local_tokens) if config.correction else one,
-            "correction_weight_max": _masked_max(weight, mask) if config.correction else one,
+            "correction_weight_mean": _masked_mean(weight, mask, local_tokens) if corrected else one,
+            "correction_weight_max": _masked_max(weight, mask) if corrected else one,
             "correction_zeroed_frac": _masked_mean(zeroed.to(dtype), mask, local_tokens),
             "kl": _masked_mean(kl, mask, local_tokens) if kl is not None else zero,
             "entropy": _masked_mean(ent, mask, local_tokens) if ent is not None else zero,

@@ -84,6 +84,7 @@ _LOSS_FLAGS = {
     "correction": "--rl-correction",
     "correction_cap": "--rl-correction-cap",
     "correction_floor": "--rl-correction-floor",
+    "correction_veto": "--rl-correction-veto",
     "agg": "--rl-agg",
     "norm_length": "--rl-norm-length",
     "kl_coef": "--rl-kl-coef",
@@ -127,7 +128,10 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=(NONE,) + CORRECTIONS.names())
     add("--rl-correction-cap", "correction_cap", "cap C on the importance weight (inf = uncapped)",
         type=float)
-    add("--rl-correction-floor", "correction_floor", "lower bound on the token weight for icepop", type=float)
+    add("--rl-correction-floor", "correction_floor", "lower bound F of the masks (token_mis, seq_mis, "
+        "geo_seq_mis, icepop): weights below it are dropped too", type=float)
+    add("--rl-correction-veto", "correction_veto", "veto threshold: a sequence with any token ratio below it "
+        "gets weight 0, or none", type=_optional_float, metavar="T|none")
     add("--rl-agg", "agg", "aggregation of per-token losses (global denominators)",
         choices=AGGREGATIONS.names())
     add("--rl-norm-length", "norm_length",
