@@ -8,8 +8,8 @@ count), then the RL steps train them. Checked:
   rollout's μ, and a probe after the last step): ≤ 1e-4;
 - each sync moves exactly the adapters' bytes (counted from the model's shapes, r · (in + out) per
   module), and the frozen base, exported, equals the HF checkpoint bit for bit;
-- the run checkpoint (adapters + optimizer) resumes: steps 1-2, stop, resume, step 3 reproduces the
-  uninterrupted run's step 3;
+- the run checkpoint (adapters + optimizer) resumes: in FP16 with merged sync, steps 1-2, a save, and a
+  new trainer's step 3 from that checkpoint reproduce the uninterrupted run's step 3;
 - ``tools/convert_checkpoint.py export`` writes a PEFT directory that ``peft`` loads and a merged HF
   model that transformers loads, both giving the trainer's probe log-probs (≤ 1e-4), and the PEFT
   tensors equal those the engine last loaded.
@@ -31,7 +31,8 @@ from megatron_rlfp16.testing.distributed import run_on_ranks
 pytestmark = pytest.mark.vllm
 
 RANK, ALPHA = 8, 16.0
-KEYS = ("reward", "loss", "grad_norm", "mismatch/prob_diff_mean", "response_length", "clip_frac")
+KEYS = ("reward", "loss", "grad_norm", "mismatch/prob_diff_mean", "response_length", "clip_frac", "loss_scale",
+        "skipped_steps")
 
 
 def _config(out_dir, hf_dir, *, precision="fp32", sync="adapter", steps=3, save_every=0):
@@ -78,8 +79,16 @@ def _probe(trainer):
 
 
 def lora_job(root, hf_dir, adapters, phase):
-    """One trainer per process (an engine's teardown ends the process group): ``full`` runs three steps
-    and probes, ``parts`` runs two and saves, ``resume`` resumes those for the third."""
+    """One trainer per process (an engine's teardown ends the process group).
+
+    ``full``: FP32, adapter-only sync, three steps, then the probe and the exported base.
+    ``merged``: FP16, merged sync, two steps, a save, a copy of that checkpoint to ``resumed/``, then
+    the third step (the uninterrupted reference). ``resume``: a new trainer in ``resumed/`` resumes
+    the copy and runs the third step."""
+    import shutil
+
+    import torch.distributed as dist
+
     from megatron_rlfp16.bridge import export_hf
     from megatron_rlfp16.lora import gather_adapters, load_lora_state_dict
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
@@ -88,38 +97,29 @@ def lora_job(root, hf_dir, adapters, phase):
 
     init_runtime(ParallelConfig(tp=2))
     task, tokenizer, _ = embedded_setup(root)
-    trainer = Trainer(_config(os.path.join(root, "parts" if phase == "resume" else phase), hf_dir),
-                      _source(task, tokenizer))
-    out = dict(start_step=trainer.step)
+    kwargs = {} if phase == "full" else dict(precision="fp16", sync="merged")
+    out_dir = os.path.join(root, "resumed" if phase == "resume" else phase)
+    trainer = Trainer(_config(out_dir, hf_dir, **kwargs), _source(task, tokenizer))
+    out = dict(start_step=trainer.step, plan=trainer.plan.describe())
     if phase != "resume":  # random adapters in (every path of the layout counts), then synced
-        load_lora_state_dict(trainer.model, trainer.arch, adapters)
-        trainer.sync_weights()
-    out["history"] = trainer.fit(stop_after=2 if phase == "parts" else None)
-    if phase == "parts":
+        tensors = adapters if phase == "full" else {k: v.half() for k, v in adapters.items()}
+        load_lora_state_dict(trainer.model, trainer.arch, tensors)
+        out["first_sync"] = trainer.sync_weights()
+    history = []
+    if phase == "merged":
+        history += trainer.fit(stop_after=2)
         trainer.save()
+        if dist.get_rank() == 0:
+            shutil.copytree(os.path.join(out_dir, "checkpoint"), os.path.join(root, "resumed", "checkpoint"))
+        dist.barrier()
+    history += trainer.fit()
+    out["history"] = history
     if phase == "full":
         out["probe"] = _probe(trainer)
         out["adapters"] = gather_adapters(trainer.model, trainer.arch)
         out["base"] = {n: t.clone() for n, t in export_hf(trainer.model, trainer.arch, merge_lora=False)}
     trainer.close()
     return out
-
-
-def merged_job(root, hf_dir, adapters):
-    from megatron_rlfp16.lora import load_lora_state_dict
-    from megatron_rlfp16.runtime import ParallelConfig, init_runtime
-    from megatron_rlfp16.trainer import Trainer
-    from megatron_rlfp16.trainer.embedded import embedded_setup
-
-    init_runtime(ParallelConfig(tp=2))
-    task, tokenizer, _ = embedded_setup(root)
-    trainer = Trainer(_config(os.path.join(root, "merged"), hf_dir, precision="fp16", sync="merged", steps=2),
-                      _source(task, tokenizer))
-    load_lora_state_dict(trainer.model, trainer.arch, {k: v.half() for k, v in adapters.items()})
-    first = trainer.sync_weights()
-    history = trainer.fit()
-    trainer.close()
-    return dict(first_sync=first, history=history, plan=trainer.plan.describe())
 
 
 def _adapter_bytes(hf_config, itemsize):
@@ -146,11 +146,9 @@ def runs(tmp_path_factory):
     _, _, hf_dir = embedded_setup(str(root))
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     adapters = random_adapter_tensors(hf_dir, targets, rank=RANK, alpha=ALPHA, seed=1, std=0.05)
-    lora = run_on_ranks(lora_job, 2, str(root), hf_dir, adapters, "full", timeout=600)
-    run_on_ranks(lora_job, 2, str(root), hf_dir, adapters, "parts", timeout=600)
-    resumed = run_on_ranks(lora_job, 2, str(root), hf_dir, adapters, "resume", timeout=600)
-    merged = run_on_ranks(merged_job, 2, str(root), hf_dir, adapters, timeout=600)
-    return dict(root=root, hf_dir=hf_dir, lora=lora, resumed=resumed, merged=merged)
+    runs = {phase: run_on_ranks(lora_job, 2, str(root), hf_dir, adapters, phase, timeout=600)
+            for phase in ("full", "merged", "resume")}
+    return dict(root=root, hf_dir=hf_dir, lora=runs["full"], merged=runs["merged"], resumed=runs["resume"])
 
 
 def test_engine_logprobs_equal_the_trainers_after_every_adapter_sync(runs):
@@ -179,7 +177,8 @@ def test_sync_moves_only_the_adapters_and_the_base_stays_frozen(runs):
 
 
 def test_lora_checkpoint_resume_reproduces_the_uninterrupted_run(runs):
-    for result, again in zip(runs["lora"], runs["resumed"]):
+    """FP16, merged sync: adapters, their FP32 masters, Adam moments and the loss scale come back."""
+    for result, again in zip(runs["merged"], runs["resumed"]):
         assert again["start_step"] == 2 and len(again["history"]) == 1
         full, resumed = result["history"][2], again["history"][0]
         differ = {k: (resumed[k], full[k]) for k in KEYS if resumed[k] != pytest.approx(full[k], rel=1e-6, abs=1e-9)}
@@ -218,6 +217,7 @@ def test_merged_sync_in_fp16_keeps_the_engine_in_step(runs):
     for result in runs["merged"]:
         assert result["plan"]["lora"]["sync"] == "merged" and result["plan"]["lora"]["engine_max_lora_rank"] is None
         full_model_bytes = result["first_sync"]["bytes"]
+        assert len(result["history"]) == 3
         for row in result["history"]:
             assert row["mismatch/prob_diff_mean"] < 1e-4 and row["mismatch/ratio_max"] < 1.05, row
             assert row["weight_sync_mib"] * 2**20 == full_model_bytes  # the whole model, merged, every step
