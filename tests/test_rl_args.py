@@ -20,7 +20,8 @@ FLAGS = [
     "--rl-loss", "--rl-clip-low", "--rl-clip-high", "--rl-dual-clip", "--rl-correction",
     "--rl-correction-cap", "--rl-correction-floor", "--rl-correction-veto", "--rl-agg", "--rl-norm-length", "--rl-kl-coef",
     "--rl-kl-estimator", "--rl-entropy-coef", "--rl-advantage-estimator", "--rl-group-size",
-    "--rl-temperature", "--rl-routing-replay",
+    "--rl-temperature", "--rl-routing-replay", "--rl-overlong-buffer", "--rl-overlong-penalty",
+    "--rl-mask-truncated",
 ]
 
 

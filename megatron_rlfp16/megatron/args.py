@@ -46,6 +46,14 @@ class RLConfig:
     """MoE routing replay (``megatron_rlfp16.routing``): "none" (the trainer routes itself), "r2"
     (the updates replay the experts the trainer's π_old pass chose), "r3" (every trainer forward
     replays the experts the rollout engine chose). Dense models: "none" only."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: responses longer than ``max_new_tokens - overlong_buffer``
+    lose reward linearly, up to ``overlong_penalty`` at ``max_new_tokens`` (``losses.shaping``). 0: off."""
+    overlong_penalty: float = 1.0
+    """The punishment's scale: the reward a response of ``max_new_tokens`` tokens loses."""
+    mask_truncated: bool = False
+    """Keep responses the rollout cut at ``max_new_tokens`` (no end token) out of the loss (DAPO's
+    overlong filtering): their tokens leave the mask and the global denominators."""
 
     def validate(self) -> "RLConfig":
         self.loss.validate()
@@ -59,11 +67,34 @@ class RLConfig:
         from megatron_rlfp16.routing import check_replay_mode
 
         check_replay_mode(self.routing_replay, field="RLConfig.routing_replay")
+        if isinstance(self.overlong_buffer, bool) or not isinstance(self.overlong_buffer, int) or self.overlong_buffer < 0:
+            raise ValueError(f"RLConfig.overlong_buffer={self.overlong_buffer!r} is invalid; valid: an int >= 0 "
+                             "(0: off)")
+        if not (self.overlong_penalty >= 0 and math.isfinite(self.overlong_penalty)):
+            raise ValueError(f"RLConfig.overlong_penalty={self.overlong_penalty!r} is invalid; valid: a finite "
+                             "number >= 0")
+        if self.mask_truncated not in (True, False):
+            raise ValueError(f"RLConfig.mask_truncated={self.mask_truncated!r} is invalid; valid: True, False")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(
                 f"RLConfig.temperature={self.temperature!r} is invalid; valid: a finite number > 0"
             )
         return self
+
+
+def _non_negative(text: str) -> int:
+    from megatron_rlfp16.cli import non_negative_int
+
+    return non_negative_int(text)
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; valid: true, false")
 
 
 def _optional_float(text: str) -> Optional[float]:
@@ -96,6 +127,9 @@ _RL_FLAGS = {
     "group_size": "--rl-group-size",
     "temperature": "--rl-temperature",
     "routing_replay": "--rl-routing-replay",
+    "overlong_buffer": "--rl-overlong-buffer",
+    "overlong_penalty": "--rl-overlong-penalty",
+    "mask_truncated": "--rl-mask-truncated",
 }
 
 
@@ -148,6 +182,12 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rl-routing-replay", "routing_replay", "MoE routing replay: none, r2 (updates replay the "
         "trainer's pi_old routing), r3 (every trainer forward replays the rollout engine's routing)",
         choices=("none", "r2", "r3"))
+    add("--rl-overlong-buffer", "overlong_buffer", "DAPO soft overlong punishment: the last N tokens before "
+        "--max-new-tokens cost reward linearly (0: off)", type=_non_negative)
+    add("--rl-overlong-penalty", "overlong_penalty", "the reward a response of --max-new-tokens tokens loses",
+        type=float)
+    add("--rl-mask-truncated", "mask_truncated", "keep responses cut at --max-new-tokens out of the loss "
+        "(true/false)", type=_boolean, metavar="true|false")
     return add_lora_args(parser)
 
 

@@ -186,6 +186,10 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         # The engine keeps its base weights through the training phase (sleep level 1): only the
         # adapters are written after a step, and a level-2 sleep would discard the base.
         rollout = dataclasses.replace(rollout, max_lora_rank=_engine_lora_limit(lora, rollout), sleep_level=1)
+    if config.rl.overlong_buffer > config.run.max_new_tokens:
+        raise ValueError(f"RLConfig.overlong_buffer={config.rl.overlong_buffer} is longer than the responses "
+                         f"(RunConfig.max_new_tokens={config.run.max_new_tokens}); valid: 0 to "
+                         f"{config.run.max_new_tokens}")
     if config.run.max_new_tokens >= rollout.max_model_len:
         raise ValueError(
             f"RunConfig.max_new_tokens={config.run.max_new_tokens} leaves no room for a prompt within "

@@ -60,6 +60,7 @@ class Trainer:
 
             self.offloader = TrainerOffload(self.model, self.optimizer)
         self.step = 0
+        self._step_metrics: Dict[str, float] = {}
         self._base_in_engine = False  # adapter-only sync: the base goes in with the first sync
         self._adapter_version = 0
         self.ckpt_dir = os.path.join(config.out_dir, "checkpoint")
@@ -78,6 +79,7 @@ class Trainer:
     # ---- one step: the data path, one stage call each ----------------------------------------
     def train_step(self) -> Dict[str, float]:
         timer = _PhaseTimer()
+        self._step_metrics: Dict[str, float] = {}  # what the stages add to this step's metrics
         offloaded = self.offloader.offload() if self.offloader else 0
         timer.mark("offload")
         examples, batch, left_out = self.rollout()
@@ -107,6 +109,7 @@ class Trainer:
             loss_scale=self.stepper.loss_scale,
             weight_sync_mib=moved["bytes"] / 2**20,
             **timer.metrics(),
+            **self._step_metrics,
         )
         if self.offloader:
             metrics["memory/offloaded_gib"] = offloaded / 2**30
@@ -168,14 +171,23 @@ class Trainer:
         return examples, batch, left_out
 
     def score(self, examples, batch):
-        """Rewards through the source's batched interface, then group advantages."""
+        """Rewards through the source's batched interface (plus DAPO's overlong punishment when
+        ``RLConfig.overlong_buffer`` is set), then group advantages."""
         from megatron_rlfp16.losses import compute_advantages
+        from megatron_rlfp16.losses.shaping import overlong_penalty
 
         texts = [self.source.decode(r) for r in batch.responses]
         rewards = torch.tensor(self.source.score([examples[i] for i in batch.prompt_index], texts),
                                dtype=ACCUM_DTYPE)
-        advantages = compute_advantages(rewards, self.plan.group_size,
-                                        estimator=self.config.rl.advantage_estimator)
+        rl = self.config.rl
+        shaped = rewards
+        if rl.overlong_buffer:  # the task reward is what is reported; the advantages see the penalty
+            lengths = torch.tensor([len(r) for r in batch.responses])
+            penalty = overlong_penalty(lengths, max_len=self.config.run.max_new_tokens, buffer=rl.overlong_buffer,
+                                       factor=rl.overlong_penalty).to(rewards.dtype)
+            self._step_metrics["overlong_penalty_mean"] = float(penalty.mean()) if len(penalty) else 0.0
+            shaped = rewards + penalty
+        advantages = compute_advantages(shaped, self.plan.group_size, estimator=rl.advantage_estimator)
         return rewards, advantages
 
     def log_samples(self, examples, batch, rewards) -> None:
@@ -200,11 +212,15 @@ class Trainer:
 
         tokens, mask, rollout_lp = batch.to_tensors(pad_id=0, pad_to_multiple=self.plan.seq_multiple)
         mine = self._dp_slice(len(batch))
-        tensors = dict(input_ids=tokens[mine], loss_mask=mask[mine], rollout_logprobs=rollout_lp[mine],
+        loss_mask = mask
+        if self.config.rl.mask_truncated:  # cut at max_new_tokens: out of the loss and its denominators
+            truncated = torch.tensor([not f for f in batch.finished], dtype=torch.bool)
+            loss_mask = mask.masked_fill(truncated[:, None], 0)
+        tensors = dict(input_ids=tokens[mine], loss_mask=loss_mask[mine], rollout_logprobs=rollout_lp[mine],
                        advantages=advantages[mine])
         if batch.routes is not None:  # the engine's experts, for replay (R3) and router agreement
             tensors["routes"] = batch.routes_tensor(tokens.shape[1])[mine]
-        return split(tensors, self.plan.micro_batch_size), dict(tensors, mask=mask)
+        return split(tensors, self.plan.micro_batch_size), dict(tensors, mask=mask, response_mask=mask[mine])
 
     def old_logprobs(self, micro, tensors) -> Dict[str, torch.Tensor]:
         """π_old by the trainer (unless bypassed), written into the micro-batches; returns the
@@ -220,7 +236,7 @@ class Trainer:
         keys = ("input_ids", routing.ROUTES_KEY) if with_routes else ("input_ids",)
         old = compute_logprobs(self.model, [{k: m[k] for k in keys} for m in micro],
                                vocab_size=self.arch.vocab_size, temperature=self.plan.temperature)
-        metrics = mismatch_metrics(old, tensors["rollout_logprobs"], tensors["loss_mask"])
+        metrics = mismatch_metrics(old, tensors["rollout_logprobs"], tensors["response_mask"])
         if hub is not None:
             if with_routes:
                 metrics.update(hub.agreement())
