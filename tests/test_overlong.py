@@ -48,8 +48,12 @@ def _trainer(rl, max_new_tokens=4):
     source = types.SimpleNamespace(decode=lambda ids: " ".join(map(str, ids)),
                                    score=lambda examples, texts: [1.0 if t.startswith("7") else 0.0 for t in texts])
     plan = types.SimpleNamespace(group_size=2, seq_multiple=1, micro_batch_size=2)
-    return types.SimpleNamespace(config=config, source=source, plan=plan, _step_metrics={},
-                                 _dp_slice=lambda n: slice(0, n))
+    from megatron_rlfp16.trainer.loop import Trainer
+
+    ns = types.SimpleNamespace(config=config, source=source, plan=plan, _step_metrics={},
+                               _dp_slice=lambda n: slice(0, n))
+    ns._penalty = lambda batch: Trainer._penalty(ns, batch)
+    return ns
 
 
 def _batch():
@@ -70,7 +74,7 @@ def test_the_trainer_shapes_the_advantages_and_masks_truncated_responses():
     shaped = torch.tensor([1.0 + naive(2, 4, 2, 0.5), naive(4, 4, 2, 0.5), 1.0 + naive(4, 4, 2, 0.5), naive(1, 4, 2, 0.5)],
                           dtype=rewards.dtype)
     torch.testing.assert_close(advantages, compute_advantages(shaped, 2, estimator="grpo"))
-    assert trainer._step_metrics["overlong_penalty_mean"] == pytest.approx((2 * naive(4, 4, 2, 0.5)) / 4)
+    assert float(Trainer._penalty(trainer, batch).mean()) == pytest.approx((2 * naive(4, 4, 2, 0.5)) / 4)
     micro, tensors = Trainer.micro_batches(trainer, batch, advantages)
     loss_mask = torch.cat([m["loss_mask"] for m in micro])
     assert loss_mask.sum(-1).tolist() == [2, 0, 0, 1]  # the truncated responses carry no loss

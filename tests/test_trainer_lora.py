@@ -35,7 +35,7 @@ KEYS = ("reward", "loss", "grad_norm", "mismatch/prob_diff_mean", "response_leng
         "skipped_steps")
 
 
-def _config(out_dir, hf_dir, *, precision="fp32", sync="adapter", steps=3, save_every=0):
+def _config(out_dir, hf_dir, *, precision="fp32", sync="adapter", steps=3, save_every=0, dynamic=False):
     from megatron_rlfp16.lora import LoraConfig
     from megatron_rlfp16.losses import PolicyLossConfig
     from megatron_rlfp16.megatron.args import RLConfig
@@ -49,20 +49,22 @@ def _config(out_dir, hf_dir, *, precision="fp32", sync="adapter", steps=3, save_
         tensorboard=False, progress=False,
         run=RunConfig(steps=steps, prompts_per_step=4, max_new_tokens=5, micro_batch_size=8, updates_per_step=2,
                       lr=2e-2, save_every=save_every),
-        rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis"), group_size=4),
+        rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis"), group_size=4,
+                    dynamic_sampling=dynamic, dynamic_sampling_rounds=2),
         precision=PrecisionConfig(trainer=precision), lora=LoraConfig(rank=RANK, alpha=ALPHA, sync=sync),
     )
 
 
 def _source(task, tokenizer):
     """The demo task with a reward that varies on an untrained model (exact match would give every
-    sample 0 and every advantage 0): the response's character count modulo 3. What is learned does
-    not matter here; that every step has a gradient does."""
+    sample 0 and every advantage 0): the parity of the response's character count. What is learned
+    does not matter here; that every step has a gradient does, and that some groups score alike (for
+    dynamic sampling)."""
     from megatron_rlfp16.trainer import TaskSource
 
     class Varied(TaskSource):
         def score(self, examples, responses):
-            return [float(len(r) % 3) for r in responses]
+            return [float(len(r) % 2) for r in responses]
 
     return Varied(task, tokenizer)
 
@@ -97,7 +99,7 @@ def lora_job(root, hf_dir, adapters, phase):
 
     init_runtime(ParallelConfig(tp=2))
     task, tokenizer, _ = embedded_setup(root)
-    kwargs = {} if phase == "full" else dict(precision="fp16", sync="merged")
+    kwargs = dict(dynamic=True) if phase == "full" else dict(precision="fp16", sync="merged")
     out_dir = os.path.join(root, "resumed" if phase == "resume" else phase)
     trainer = Trainer(_config(out_dir, hf_dir, **kwargs), _source(task, tokenizer))
     out = dict(start_step=trainer.step, plan=trainer.plan.describe())
@@ -174,6 +176,18 @@ def test_sync_moves_only_the_adapters_and_the_base_stays_frozen(runs):
                   if not torch.equal(result["base"][k], base[k].float())}
         assert not differ, differ
         assert all(row["grad_norm"] > 0 for row in result["history"])
+
+
+def test_dynamic_sampling_on_the_real_engine(runs):
+    """The adapter run samples with DAPO's dynamic sampling: groups that scored alike were dropped and
+    more prompts sampled (the batch kept its size: the steps trained and synced as above)."""
+    for result in runs["lora"]:
+        rows = result["history"]
+        assert all(0 <= r["dynamic_sampling/filtered_frac"] < 1 for r in rows)
+        assert any(r["dynamic_sampling/filtered_frac"] > 0 for r in rows), rows
+        for r in rows:
+            assert (r["dynamic_sampling/rounds"] >= 1) == (r["dynamic_sampling/filtered_frac"] > 0)
+            assert r["dynamic_sampling/filled"] <= 4 and r["prompts_used"] == 4
 
 
 def test_lora_checkpoint_resume_reproduces_the_uninterrupted_run(runs):

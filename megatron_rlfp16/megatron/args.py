@@ -51,6 +51,12 @@ class RLConfig:
     lose reward linearly, up to ``overlong_penalty`` at ``max_new_tokens`` (``losses.shaping``). 0: off."""
     overlong_penalty: float = 1.0
     """The punishment's scale: the reward a response of ``max_new_tokens`` tokens loses."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: groups whose rewards are all equal (no gradient under a group-relative
+    estimator) are dropped and more prompts are drawn and sampled until the batch is full, for at
+    most ``dynamic_sampling_rounds`` extra rollouts; after those, dropped groups fill what is left."""
+    dynamic_sampling_rounds: int = 3
+    """Extra rollouts per step that dynamic sampling may run."""
     mask_truncated: bool = False
     """Keep responses the rollout cut at ``max_new_tokens`` (no end token) out of the loss (DAPO's
     overlong filtering): their tokens leave the mask and the global denominators."""
@@ -73,6 +79,15 @@ class RLConfig:
         if not (self.overlong_penalty >= 0 and math.isfinite(self.overlong_penalty)):
             raise ValueError(f"RLConfig.overlong_penalty={self.overlong_penalty!r} is invalid; valid: a finite "
                              "number >= 0")
+        if self.dynamic_sampling not in (True, False):
+            raise ValueError(f"RLConfig.dynamic_sampling={self.dynamic_sampling!r} is invalid; valid: True, False")
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ValueError(f"RLConfig.dynamic_sampling needs groups to compare: group_size={self.group_size}; "
+                             "valid: group_size >= 2")
+        if (isinstance(self.dynamic_sampling_rounds, bool) or not isinstance(self.dynamic_sampling_rounds, int)
+                or self.dynamic_sampling_rounds < 0):
+            raise ValueError(f"RLConfig.dynamic_sampling_rounds={self.dynamic_sampling_rounds!r} is invalid; "
+                             "valid: an int >= 0")
         if self.mask_truncated not in (True, False):
             raise ValueError(f"RLConfig.mask_truncated={self.mask_truncated!r} is invalid; valid: True, False")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -130,6 +145,8 @@ _RL_FLAGS = {
     "overlong_buffer": "--rl-overlong-buffer",
     "overlong_penalty": "--rl-overlong-penalty",
     "mask_truncated": "--rl-mask-truncated",
+    "dynamic_sampling": "--rl-dynamic-sampling",
+    "dynamic_sampling_rounds": "--rl-dynamic-sampling-rounds",
 }
 
 
@@ -186,6 +203,10 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-new-tokens cost reward linearly (0: off)", type=_non_negative)
     add("--rl-overlong-penalty", "overlong_penalty", "the reward a response of --max-new-tokens tokens loses",
         type=float)
+    add("--rl-dynamic-sampling", "dynamic_sampling", "DAPO dynamic sampling: drop groups whose rewards are all "
+        "equal and sample more prompts to fill the batch (true/false)", type=_boolean, metavar="true|false")
+    add("--rl-dynamic-sampling-rounds", "dynamic_sampling_rounds", "extra rollouts per step dynamic sampling "
+        "may run", type=_non_negative)
     add("--rl-mask-truncated", "mask_truncated", "keep responses cut at --max-new-tokens out of the loss "
         "(true/false)", type=_boolean, metavar="true|false")
     return add_lora_args(parser)

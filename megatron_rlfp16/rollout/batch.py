@@ -7,7 +7,7 @@ Sequences are ``prompt + response``. Training scores ``targets = tokens[:, 1:]``
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,15 @@ class RolloutBatch:
             if with_routes:
                 out.routes.extend(part.routes)
         return out
+
+    def take(self, rows: Sequence[int], prompt_index: Sequence[int]) -> "RolloutBatch":
+        """The samples ``rows``, in that order, renumbered to ``prompt_index`` (one per row); nothing
+        skipped."""
+        return type(self)(
+            prompts=[self.prompts[i] for i in rows], responses=[self.responses[i] for i in rows],
+            logprobs=[self.logprobs[i] for i in rows], prompt_index=list(prompt_index),
+            finished=[self.finished[i] for i in rows], skipped=[],
+            routes=None if self.routes is None else [self.routes[i] for i in rows])
 
     def to_tensors(self, pad_id: int = 0, pad_to_multiple: int = 1):
         """``tokens [B, S]``, ``mask [B, S-1]`` (float 0/1), ``rollout_logprobs [B, S-1]``, padded on

@@ -83,12 +83,19 @@ class Trainer:
         offloaded = self.offloader.offload() if self.offloader else 0
         timer.mark("offload")
         examples, batch, left_out = self.rollout()
+        rewards, advantages = self.score(examples, batch)
+        if self.config.rl.dynamic_sampling:  # more rollouts until the batch holds informative groups
+            examples, batch, rewards, advantages = self.resample(examples, batch, rewards, advantages)
+        if self.config.rl.overlong_buffer:
+            self._step_metrics["overlong_penalty_mean"] = float(self._penalty(batch).mean())
+        # GPU: the engine's weights and KV cache make room for training; the sync wakes the weights
+        # and the next rollout the KV cache (no-op on CPU).
+        self.engine.sleep()
         timer.mark("rollout")
         pause_point("rollout-done")
         if self.offloader:
             self.offloader.reload()
             timer.mark("reload")
-        rewards, advantages = self.score(examples, batch)
         self.log_samples(examples, batch, rewards)
         timer.mark("reward")
         micro, tensors = self.micro_batches(batch, advantages)
@@ -130,12 +137,14 @@ class Trainer:
             print(f"[rlfp16] {usable} usable prompts, {len(skipped)} left out (--on-bad-prompt skip): {shown}"
                   + ("; ..." if len(skipped) > 5 else ""), file=sys.stderr, flush=True)
 
-    def step_prompts(self):
-        """``(examples, token ids, left out)``: this step's prompts, each within the engine's limit
-        (``0 < tokens < max_model_len``). A prompt that is not is left out and another drawn in its
-        place, so the batch arithmetic holds whatever the data; a source that cannot fill the batch
-        in a few draws is an error naming the prompts."""
-        want, limit = self.config.run.prompts_per_step, self.plan.rollout.max_model_len
+    def step_prompts(self, want: Optional[int] = None):
+        """``(examples, token ids, left out)``: this step's prompts (``want``, default
+        ``prompts_per_step``), each within the engine's limit (``0 < tokens < max_model_len``). A
+        prompt that is not is left out and another drawn in its place, so the batch arithmetic holds
+        whatever the data; a source that cannot fill the batch in a few draws is an error naming the
+        prompts."""
+        limit = self.plan.rollout.max_model_len
+        want = self.config.run.prompts_per_step if want is None else want
         examples, prompts, bad = [], [], []
         for _ in range(MAX_PROMPT_DRAWS):
             if len(examples) == want:
@@ -153,28 +162,62 @@ class Trainer:
                              f"{bad[:3]} (text, tokens)")
         return examples, prompts, len(bad)
 
-    def rollout(self):
-        """This step's prompts, the engine's samples (every rank gets the whole batch) and the number
-        of prompts left out for not fitting the engine."""
+    def rollout(self, want: Optional[int] = None, round_: int = 0):
+        """This step's prompts (``want`` of them, default ``prompts_per_step``), the engine's samples
+        (every rank gets the whole batch) and the number of prompts left out for not fitting the
+        engine. ``round_`` > 0 is a dynamic-sampling round: its own sampling seeds."""
         plan, run = self.plan, self.config.run
-        examples, prompts, left_out = self.step_prompts()
+        examples, prompts, left_out = self.step_prompts(want)
         stop_ids = list(getattr(self.source, "stop_ids", None) or [self.source.eos_id])
         batch = self.engine.generate_sharded(
             prompts, n=plan.group_size, temperature=plan.temperature, max_tokens=run.max_new_tokens,
-            stop_token_ids=stop_ids, seed=run.seed * 7919 + self.step * 104729)
+            stop_token_ids=stop_ids, seed=run.seed * 7919 + self.step * 104729 + round_ * 15485863)
         stops = getattr(self.source, "stop_strings", ())
         if stops:
             apply_stop_strings(batch, stops, self.source.decode)
-        # GPU: the engine's weights and KV cache make room for training; the sync wakes the weights
-        # and the next rollout the KV cache (no-op on CPU).
-        self.engine.sleep()
         return examples, batch, left_out
+
+    def resample(self, examples, batch, rewards, advantages):
+        """DAPO's dynamic sampling: keeps the groups whose rewards differ, draws and samples prompts
+        for the missing groups (at most ``dynamic_sampling_rounds`` more rollouts), and fills what is
+        still missing with the dropped groups (their group-relative advantages are 0: no gradient),
+        so that the batch keeps its size. The same on every rank: every rank holds the whole batch
+        and the same rewards. Logs ``dynamic_sampling/filtered_frac`` (groups dropped of those drawn),
+        ``dynamic_sampling/rounds`` and ``dynamic_sampling/filled`` (dropped groups used as filler)."""
+        rl, group = self.config.rl, self.plan.group_size
+        want = len(examples)
+        pool = [(examples, batch, rewards, advantages)]
+        kept, dropped = informative_groups(batch, rewards)
+        rounds = 0
+        while len(kept) < want and rounds < rl.dynamic_sampling_rounds:
+            rounds += 1
+            more = self.rollout(want - len(kept), round_=rounds)
+            more_rewards, more_advantages = self.score(more[0], more[1])
+            pool.append((more[0], more[1], more_rewards, more_advantages))
+            k, d = informative_groups(more[1], more_rewards)
+            kept += [(len(pool) - 1, g) for _, g in k]
+            dropped += [(len(pool) - 1, g) for _, g in d]
+        drawn = len(kept) + len(dropped)
+        chosen = kept[:want] + dropped[:max(0, want - len(kept))]
+        self._step_metrics.update({"dynamic_sampling/filtered_frac": len(dropped) / max(1, drawn),
+                                   "dynamic_sampling/rounds": float(rounds),
+                                   "dynamic_sampling/filled": float(max(0, want - len(kept)))})
+        out_examples, parts, out_rewards, out_advantages = [], [], [], []
+        for new_index, (part, prompt) in enumerate(sorted(chosen)):
+            ex, b, r, a = pool[part]
+            rows = [i for i, p in enumerate(b.prompt_index) if p == prompt]
+            out_examples.append(ex[prompt])
+            parts.append(b.take(rows, [new_index] * len(rows)))
+            out_rewards.append(r[rows])
+            out_advantages.append(a[rows])
+        if any(len(p) != group for p in parts):
+            raise RuntimeError("dynamic sampling: a group does not hold group_size samples")
+        return (out_examples, type(batch).concat(parts), torch.cat(out_rewards), torch.cat(out_advantages))
 
     def score(self, examples, batch):
         """Rewards through the source's batched interface (plus DAPO's overlong punishment when
         ``RLConfig.overlong_buffer`` is set), then group advantages."""
         from megatron_rlfp16.losses import compute_advantages
-        from megatron_rlfp16.losses.shaping import overlong_penalty
 
         texts = [self.source.decode(r) for r in batch.responses]
         rewards = torch.tensor(self.source.score([examples[i] for i in batch.prompt_index], texts),
@@ -182,13 +225,17 @@ class Trainer:
         rl = self.config.rl
         shaped = rewards
         if rl.overlong_buffer:  # the task reward is what is reported; the advantages see the penalty
-            lengths = torch.tensor([len(r) for r in batch.responses])
-            penalty = overlong_penalty(lengths, max_len=self.config.run.max_new_tokens, buffer=rl.overlong_buffer,
-                                       factor=rl.overlong_penalty).to(rewards.dtype)
-            self._step_metrics["overlong_penalty_mean"] = float(penalty.mean()) if len(penalty) else 0.0
-            shaped = rewards + penalty
+            shaped = rewards + self._penalty(batch).to(rewards.dtype)
         advantages = compute_advantages(shaped, self.plan.group_size, estimator=rl.advantage_estimator)
         return rewards, advantages
+
+    def _penalty(self, batch) -> torch.Tensor:
+        """DAPO's overlong punishment of each sample (``losses.shaping``)."""
+        from megatron_rlfp16.losses.shaping import overlong_penalty
+
+        rl = self.config.rl
+        return overlong_penalty(torch.tensor([len(r) for r in batch.responses]), max_len=self.config.run.max_new_tokens,
+                                buffer=rl.overlong_buffer, factor=rl.overlong_penalty)
 
     def log_samples(self, examples, batch, rewards) -> None:
         """Every ``run.log_samples`` steps, the first ``run.samples_per_log`` samples, decoded, with
@@ -445,6 +492,17 @@ class Trainer:
     def close(self) -> None:
         self.logger.close()
         self.engine.close()
+
+
+def informative_groups(batch, rewards: torch.Tensor):
+    """``(kept, dropped)``: ``(0, prompt index)`` of each group (the samples of one prompt, in order of
+    appearance) whose rewards differ, and of each whose rewards are all equal."""
+    kept, dropped = [], []
+    order = list(dict.fromkeys(batch.prompt_index))
+    for prompt in order:
+        values = rewards[[i for i, p in enumerate(batch.prompt_index) if p == prompt]]
+        (kept if bool((values != values[0]).any()) else dropped).append((0, prompt))
+    return kept, dropped
 
 
 def kept_checkpoints(ckpt_dir: str) -> List[str]:
