@@ -21,7 +21,7 @@ FLAGS = [
     "--rl-correction-cap", "--rl-correction-floor", "--rl-correction-veto", "--rl-agg", "--rl-norm-length", "--rl-kl-coef",
     "--rl-kl-estimator", "--rl-entropy-coef", "--rl-advantage-estimator", "--rl-group-size",
     "--rl-temperature", "--rl-routing-replay", "--rl-overlong-buffer", "--rl-overlong-penalty",
-    "--rl-mask-truncated",
+    "--rl-dynamic-sampling", "--rl-dynamic-sampling-rounds", "--rl-mask-truncated",
 ]
 
 
