@@ -19,6 +19,13 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (a parallel size, a count of steps, prompts or tokens)."""
     value = _integer(text)
@@ -37,10 +44,7 @@ def non_negative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (a learning rate, a temperature, a size in GiB)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not (value > 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"{text} is invalid; valid: a finite number > 0")
     return value
@@ -92,10 +96,7 @@ def module_list(text: str) -> tuple:
 
 def dropout_fraction(text: str) -> float:
     """A number in [0, 1) (a dropout probability)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"{text} is invalid; valid: a number in [0, 1)")
     return value

@@ -176,8 +176,7 @@ def _shard_in_checkpoints(module, adapter: LoraAdapter, *, gated: bool) -> None:
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         out = original(prefix, sharded_offsets, metadata)
-        names = ("lora.A", "lora.B")
-        for name in names:
+        for name in ("lora.A", "lora.B"):
             out.pop(prefix + name, None)
         axis = {"lora.A": 1} if adapter.row_parallel else {"lora.B": 0}
         mine = make_sharded_tensors_for_checkpoint(

@@ -15,7 +15,7 @@ import math
 import re
 from typing import List, Optional, Union
 
-from megatron_rlfp16.cli import add_lora_args, positive_int
+from megatron_rlfp16.cli import add_lora_args, non_negative_int, positive_int
 from megatron_rlfp16.losses import PolicyLossConfig
 from megatron_rlfp16.losses.registry import (
     ADVANTAGE_ESTIMATORS,
@@ -95,12 +95,6 @@ class RLConfig:
                 f"RLConfig.temperature={self.temperature!r} is invalid; valid: a finite number > 0"
             )
         return self
-
-
-def _non_negative(text: str) -> int:
-    from megatron_rlfp16.cli import non_negative_int
-
-    return non_negative_int(text)
 
 
 def _boolean(text: str) -> bool:
@@ -200,13 +194,13 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "trainer's pi_old routing), r3 (every trainer forward replays the rollout engine's routing)",
         choices=("none", "r2", "r3"))
     add("--rl-overlong-buffer", "overlong_buffer", "DAPO soft overlong punishment: the last N tokens before "
-        "--max-new-tokens cost reward linearly (0: off)", type=_non_negative)
+        "--max-new-tokens cost reward linearly (0: off)", type=non_negative_int)
     add("--rl-overlong-penalty", "overlong_penalty", "the reward a response of --max-new-tokens tokens loses",
         type=float)
     add("--rl-dynamic-sampling", "dynamic_sampling", "DAPO dynamic sampling: drop groups whose rewards are all "
         "equal and sample more prompts to fill the batch (true/false)", type=_boolean, metavar="true|false")
     add("--rl-dynamic-sampling-rounds", "dynamic_sampling_rounds", "extra rollouts per step dynamic sampling "
-        "may run", type=_non_negative)
+        "may run", type=non_negative_int)
     add("--rl-mask-truncated", "mask_truncated", "keep responses cut at --max-new-tokens out of the loss "
         "(true/false)", type=_boolean, metavar="true|false")
     return add_lora_args(parser)
