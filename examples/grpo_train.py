@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=positive_int, default=4)
     p.add_argument("--lr", type=positive_float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recompute-old-logprobs", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute π_old with the trainer before the updates; --no-recompute-old-logprobs is "
+                        "bypass mode, π_old := the rollout engine's log-probs (verl's bypass_mode, slime's "
+                        "--use-rollout-logprobs)")
     p.add_argument("--prompt-field", default="prompt", help="the JSONL field holding the prompt text")
     p.add_argument("--answer-field", default="answer", help="the JSONL field holding the reference answer")
     p.add_argument("--on-bad-prompt", choices=["error", "skip"], default="error",
@@ -103,6 +107,7 @@ def build_config(args: argparse.Namespace):
         steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
         micro_batch_size=args.micro_batch_size, lr=args.lr, seed=args.seed, log_samples=args.log_samples,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        recompute_old_logprobs=args.recompute_old_logprobs,
     )
     config = TrainerConfig(
         hf_dir=args.hf_dir, out_dir=args.out, parallel=ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),

@@ -18,6 +18,11 @@ Two scales of mismatch matter, and the paper plots both:
   response, so a gap that looks harmless per token becomes a large sequence importance ratio on
   long reasoning traces. ``seq_log_ratio_abs_mean`` / ``seq_log_ratio_abs_max`` measure that sum.
 
+``chi2_token`` / ``chi2_seq`` estimate the χ² divergence of π from μ, E_μ[ρ²] − 1, per token and
+per sequence: it is the variance of the importance weights a rollout correction multiplies the
+gradient with, so it says what an uncapped correction would cost. ``log_ppl_abs_diff`` compares the
+response's log-perplexity under the two engines (verl's ``log_ppl_abs_diff``).
+
 ``kl_k1`` and ``kl_k3`` estimate KL(μ‖π) from μ's samples (Schulman's k1 and k3 estimators,
 http://joschu.net/blog/kl-approx.html): k1 is unbiased but noisy and can be negative on a batch,
 k3 is unbiased and never negative. ``pearson_prob`` is the correlation on that scatter: 1 means
@@ -48,6 +53,9 @@ METRIC_NAMES = (
     "seq_log_ratio_abs_mean",
     "seq_log_ratio_abs_max",
     "pearson_prob",
+    "chi2_token",
+    "chi2_seq",
+    "log_ppl_abs_diff",
     "num_tokens",
     "num_sequences",
 )
@@ -80,6 +88,11 @@ def mismatch_metrics(
     ``seq_log_ratio_abs_max``     max over rows in S of |Σ_t m·d|
     ``pearson_prob``              Pearson correlation of exp(log π) and exp(log μ) over
                                   masked tokens (nan when either side is constant)
+    ``chi2_token``                Σ m·exp(2d) / N − 1             (χ²(π‖μ) per token: E_μ[ρ²] − 1)
+    ``chi2_seq``                  mean over rows in S of exp(2·Σ_t m·d) − 1 (per sequence;
+                                  the exponent saturates at 700)
+    ``log_ppl_abs_diff``          mean over rows in S of |Σ_t m·d| / Σ_t m (the absolute
+                                  difference of the two log-perplexities of the response)
     ``num_tokens``                N
     ``num_sequences``             |S|
     ============================  ====================================================
@@ -130,8 +143,11 @@ def mismatch_metrics(
             return torch.where(m, x, torch.full_like(x, torch.inf)).amin()
 
         rows = m.any(dim=1)
-        seq_abs = torch.where(m, d, zero).sum(dim=1).abs()
+        seq_d = torch.where(m, d, zero).sum(dim=1)
+        seq_abs = seq_d.abs()
         n_rows = rows.sum()
+        n_rows_f = n_rows.to(torch.float64)
+        lengths = m.sum(dim=1).clamp(min=1).to(torch.float64)
 
         return {
             "prob_diff_mean": mean(prob_diff),
@@ -142,9 +158,12 @@ def mismatch_metrics(
             "ratio_max": masked_max(ratio),
             "ratio_min": masked_min(ratio),
             # Rows without tokens have seq_abs == 0, so summing over all rows is the sum over S.
-            "seq_log_ratio_abs_mean": seq_abs.sum() / n_rows.to(torch.float64),
+            "seq_log_ratio_abs_mean": seq_abs.sum() / n_rows_f,
             "seq_log_ratio_abs_max": seq_abs.amax(),
             "pearson_prob": _pearson(p_train, p_roll, m, n),
+            "chi2_token": mean(ratio.square()) - 1.0,
+            "chi2_seq": torch.where(rows, (2.0 * seq_d).clamp(max=700.0).exp(), zero).sum() / n_rows_f - 1.0,
+            "log_ppl_abs_diff": (seq_abs / lengths).sum() / n_rows_f,
             "num_tokens": n,
             "num_sequences": n_rows.to(torch.float64),
         }

@@ -56,48 +56,103 @@ def naive_loss(lp, old, mu, adv, mask, cfg, ref=None, ent=None, num_tokens=None,
     old = mu if old is None else old
     adv_at = (lambda b, t: adv[b]) if not isinstance(adv[0], list) else (lambda b, t: adv[b][t])
     lo, hi = 1 - cfg["clip_low"], 1 + cfg["clip_high"]
-    cap, floor = cfg.get("cap", 2.0), cfg.get("floor", 0.0)
     loss_name, corr = cfg["loss"], cfg.get("correction")
+    icepop = corr == "icepop"  # IcePop's paper band [0.5, 5] when none is given
+    cap, floor = cfg.get("cap", 5.0 if icepop else 2.0), cfg.get("floor", 0.5 if icepop else 0.0)
 
-    def prox(b, t):
-        return lp[b, t].item() if loss_name == "pg" else old[b][t]
-
-    def masked_ts(b):
+    def given_ts(b):
         return [t for t in range(t_cols) if mask[b][t]]
 
-    def seq_rho(b):
-        return math.exp(sum(prox(b, t) - mu[b][t] for t in masked_ts(b)))
+    def weight_at(prox):
+        """Every token's weight (a dict (b, t) -> float) when the proximal log-prob is prox(b, t)."""
+        def log_rho(b, t):
+            return prox(b, t) - mu[b][t]
 
-    def geo_rho(b):  # the geometric mean of the token ratios
-        ts = masked_ts(b)
-        return math.exp(sum(prox(b, t) - mu[b][t] for t in ts) / len(ts))
+        def seq_rho(b):
+            return math.exp(sum(log_rho(b, t) for t in given_ts(b)))
 
-    def vetoed(b):
-        tau = cfg.get("veto")
-        return tau is not None and any(math.exp(prox(b, t) - mu[b][t]) < tau for t in masked_ts(b))
+        def geo_rho(b):  # the geometric mean of the token ratios
+            ts = given_ts(b)
+            return math.exp(sum(log_rho(b, t) for t in ts) / len(ts))
+
+        def vetoed(b):
+            tau = cfg.get("veto")
+            return tau is not None and any(math.exp(log_rho(b, t)) < tau for t in given_ts(b))
+
+        def outside(x, est, bound):  # is the statistic x outside the criterion's bound?
+            if est != "k1":
+                return x > bound
+            low, high = (1 / bound, bound) if not isinstance(bound, tuple) else bound
+            return (low > 0 and x < math.log(low)) or (high != math.inf and x > math.log(high))
+
+        def rejected(b, t):
+            for criterion, bound in (cfg.get("rejection") or {}).items():
+                level, est = criterion.rsplit("_", 1)
+
+                def k(u):
+                    x = log_rho(b, u)
+                    return {"k1": x, "k2": x * x / 2, "k3": math.exp(x) - 1 - x}[est]
+
+                ts = given_ts(b)
+                if level == "token":
+                    bad = outside(k(t), est, bound)
+                elif level == "seq_sum":
+                    bad = outside(sum(k(u) for u in ts), est, bound)
+                elif level == "seq_mean":
+                    bad = outside(sum(k(u) for u in ts) / len(ts), est, bound)
+                elif est == "k1":  # seq_max_k1: every token inside the band
+                    bad = any(outside(k(u), est, bound) for u in ts)
+                else:
+                    bad = outside(max(k(u) for u in ts), est, bound)
+                if bad:
+                    return True
+            return False
+
+        def corrected(b, t):
+            rho_t = math.exp(log_rho(b, t))
+            if corr is None:
+                return 1.0
+            if corr == "token_tis":
+                return min(rho_t, cap)
+            if corr == "token_mis":
+                return rho_t if floor <= rho_t <= cap else 0.0
+            if corr == "seq_tis":
+                return min(seq_rho(b), cap)
+            if corr == "seq_mis":
+                return seq_rho(b) if floor <= seq_rho(b) <= cap else 0.0
+            if corr == "geo_seq_tis":
+                return min(geo_rho(b), cap)
+            if corr == "geo_seq_mis":
+                return geo_rho(b) if floor <= geo_rho(b) <= cap else 0.0
+            if corr == "icepop":
+                return rho_t if floor <= rho_t <= cap else 0.0
+            raise AssertionError(corr)
+
+        return {(b, t): 0.0 if vetoed(b) or rejected(b, t) else corrected(b, t)
+                for b in range(b_rows) for t in given_ts(b)}
+
+    current = lambda b, t: lp[b, t].item()  # noqa: E731
+    before = lambda b, t: old[b][t]  # noqa: E731
+    weights = weight_at(current if loss_name == "pg" else before)
+    removed = set()
+    if cfg.get("rejection_mode") == "remove":  # decided on π_old
+        removed = {bt for bt, w in weight_at(before).items() if w == 0}
+
+    def masked_ts(b):
+        return [t for t in given_ts(b) if (b, t) not in removed]
+
+    if cfg.get("normalize"):
+        seq_level = corr in ("seq_tis", "seq_mis", "geo_seq_tis", "geo_seq_mis")
+        if seq_level:
+            rows = [[weights[b, t] for t in masked_ts(b)] for b in range(b_rows)]
+            means = [sum(r) / len(r) for r in rows if r]
+        else:
+            means = [weights[b, t] for b in range(b_rows) for t in masked_ts(b)]
+        mean = sum(means) / len(means)
+        weights = {bt: w / mean for bt, w in weights.items()}
 
     def weight(b, t):
-        return 0.0 if vetoed(b) else corrected(b, t)
-
-    def corrected(b, t):
-        rho_t = math.exp(prox(b, t) - mu[b][t])
-        if corr is None:
-            return 1.0
-        if corr == "token_tis":
-            return min(rho_t, cap)
-        if corr == "token_mis":
-            return rho_t if floor <= rho_t <= cap else 0.0
-        if corr == "seq_tis":
-            return min(seq_rho(b), cap)
-        if corr == "seq_mis":
-            return seq_rho(b) if floor <= seq_rho(b) <= cap else 0.0
-        if corr == "geo_seq_tis":
-            return min(geo_rho(b), cap)
-        if corr == "geo_seq_mis":
-            return geo_rho(b) if floor <= geo_rho(b) <= cap else 0.0
-        if corr == "icepop":
-            return rho_t if floor <= rho_t <= cap else 0.0
-        raise AssertionError(corr)
+        return weights[b, t]
 
     def objective(b, t):
         x, a = lp[b, t], adv_at(b, t)
@@ -180,11 +235,7 @@ def make_batch(seed=0, lengths=LENGTHS, token_adv=False, float_mask=False, sprea
 
 def run_both(batch, cfg: dict, bypass=False, num_tokens=None, num_seqs=None):
     """(package loss, package grad, naive loss, naive grad) for one batch and config."""
-    fields = dict(cfg)
-    for short, full in (("cap", "correction_cap"), ("floor", "correction_floor"), ("veto", "correction_veto")):
-        if short in fields:
-            fields[full] = fields.pop(short)
-    config = PolicyLossConfig(**fields)
+    config = _config(cfg)
 
     lp = batch["logprobs"].clone().requires_grad_(True)
     old = None if bypass else batch["old_logprobs"]
@@ -204,8 +255,13 @@ def run_both(batch, cfg: dict, bypass=False, num_tokens=None, num_seqs=None):
         num_tokens=_val(num_tokens) if num_tokens is not None else None,
         num_seqs=_val(num_seqs) if num_seqs is not None else None,
     )
-    ref_loss.backward()
-    return loss, lp.grad, ref_loss, ref_lp.grad, metrics
+    if ref_loss.requires_grad:  # not when every remaining token sits on a clipped (constant) branch
+        ref_loss.backward()
+    return loss, lp.grad, ref_loss, _grad(ref_lp), metrics
+
+
+def _grad(leaf: torch.Tensor) -> torch.Tensor:
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
 
 
 def assert_matches(batch, cfg, **kw):
@@ -228,7 +284,8 @@ def exercises_every_branch(batch, cfg) -> bool:
     mask, lp, old, mu = (batch[k].tolist() for k in ("mask", "logprobs", "old_logprobs", "rollout_logprobs"))
     rows = [[t for t in range(T) if mask[b][t]] for b in range(len(mask))]
     rows = [(b, ts) for b, ts in enumerate(rows) if ts]
-    lo, hi, cap, floor = 1 - cfg["clip_low"], 1 + cfg["clip_high"], 2.0, cfg["floor"]
+    lo, hi, floor = 1 - cfg["clip_low"], 1 + cfg["clip_high"], cfg["floor"]
+    cap = 5.0 if cfg["correction"] == "icepop" else 2.0
     prox = lp if cfg["loss"] == "pg" else old
     in_clip = lambda r: lo <= r <= hi  # noqa: E731
     if cfg["loss"] in ("ppo_clip", "cispo"):
@@ -336,6 +393,117 @@ def test_icepop_floor_and_norm_length():
     assert_matches(make_batch(seed=7, spread=0.5), cfg)
 
 
+def test_icepop_defaults_to_the_papers_band():
+    """IcePop without a band uses [α, β] = [0.5, 5] (Ring-1T); the other corrections keep (0, 2)."""
+    assert PolicyLossConfig(correction="icepop").band() == (0.5, 5.0)
+    assert PolicyLossConfig(correction="token_mis").band() == (0.0, 2.0)
+    assert PolicyLossConfig(correction="icepop", correction_floor=0.8).band() == (0.8, 5.0)
+    batch = next(b for b in (make_batch(seed=s, spread=0.9) for s in range(40, 400))
+                 if exercises_every_branch(b, dict(loss="ppo_clip", correction="icepop", floor=0.5,
+                                                   clip_low=0.2, clip_high=0.2)))
+    cfg = dict(loss="ppo_clip", correction="icepop", clip_low=0.2, clip_high=0.2)
+    assert_matches(batch, cfg)
+    explicit = run_both(batch, dict(cfg, cap=5.0, floor=0.5))[0]
+    torch.testing.assert_close(run_both(batch, cfg)[0], explicit, rtol=0, atol=0)
+
+
+# Bounds that reject some but not all tokens / sequences of make_batch(spread=0.4) data.
+REJECTION_BOUNDS = {
+    "token_k1": 1.4, "token_k2": 0.08, "token_k3": 0.08,
+    "seq_sum_k1": (0.5, 1.8), "seq_sum_k2": 0.25, "seq_sum_k3": 0.25,
+    "seq_mean_k1": 1.25, "seq_mean_k2": 0.06, "seq_mean_k3": 0.06,
+    "seq_max_k1": (0.55, 1.6), "seq_max_k2": 0.15, "seq_max_k3": 0.15,
+}
+
+
+def _config(cfg: dict) -> PolicyLossConfig:
+    fields = dict(cfg)
+    for short, full in (("cap", "correction_cap"), ("floor", "correction_floor"), ("veto", "correction_veto"),
+                        ("normalize", "correction_normalize")):
+        if short in fields:
+            fields[full] = fields.pop(short)
+    return PolicyLossConfig(**fields)
+
+
+def _partly(batch, cfg, key) -> bool:
+    """Whether the package's metric ``key`` is strictly between 0 and 1 on ``batch``."""
+    args = ("logprobs", "old_logprobs", "rollout_logprobs", "advantages", "mask")
+    return 0 < float(policy_loss(*(batch[a] for a in args), _config(cfg))[1][key]) < 1
+
+
+@pytest.mark.parametrize("mode", ["zero", "remove"])
+@pytest.mark.parametrize("loss", ["ppo_clip", "pg", "gspo"])
+@pytest.mark.parametrize("criterion", sorted(REJECTION_BOUNDS))
+def test_rejection_matches_naive_loop(criterion, loss, mode):
+    """Each k1/k2/k3 criterion, per token and per sequence (sum/mean/max), zeroing or removing."""
+    cfg = dict(loss=loss, correction="token_tis", rejection={criterion: REJECTION_BOUNDS[criterion]},
+               rejection_mode=mode, clip_low=0.2, clip_high=0.2, agg="seq-mean-token-mean")
+    key = "correction_removed_frac" if mode == "remove" else "correction_zeroed_frac"
+    seeds = range(300 * sorted(REJECTION_BOUNDS).index(criterion), 300 * sorted(REJECTION_BOUNDS).index(criterion) + 300)
+    batch = next(b for b in (make_batch(seed=s, spread=0.4) for s in seeds) if _partly(b, cfg, key))
+    assert_matches(batch, cfg)
+    assert not torch.isclose(run_both(batch, cfg)[0], run_both(batch, dict(cfg, rejection=None))[0])
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("correction", ["token_mis", "seq_mis", "geo_seq_mis", "icepop"])
+def test_remove_takes_rejected_tokens_out_of_the_denominators(correction, agg):
+    """verl's rejection: the masks' rejected tokens leave the mask, so they count in no denominator."""
+    cfg = dict(loss="ppo_clip", correction=correction, floor=0.8, cap=1.3, rejection_mode="remove",
+               clip_low=0.2, clip_high=0.2, agg=agg)
+    batch = next(b for b in (make_batch(seed=s, spread=0.4) for s in range(900, 1200))
+                 if _partly(b, cfg, "correction_removed_frac"))
+    assert_matches(batch, cfg)
+    zeroed = run_both(batch, dict(cfg, rejection_mode="zero"))[0]
+    # Sequence counts change only when whole sequences go; token counts whenever a token does.
+    if agg in ("token-mean", "seq-mean-token-mean") or correction in ("seq_mis", "geo_seq_mis"):
+        assert not torch.isclose(run_both(batch, cfg)[0], zeroed), "the denominators must change here"
+
+
+def test_remove_with_pg_decides_on_old_and_needs_it():
+    cfg = dict(loss="pg", correction="token_mis", floor=0.8, cap=1.3, rejection_mode="remove",
+               clip_low=0.2, clip_high=0.2)
+    assert_matches(make_batch(seed=21, spread=0.4), cfg)
+    with pytest.raises(ValueError, match="rejection_mode='remove' decides on π_old.*loss='pg'.*bypass"):
+        run_both(make_batch(seed=21), cfg, bypass=True)
+
+
+@pytest.mark.parametrize("mode", ["zero", "remove"])
+@pytest.mark.parametrize("correction", ["token_tis", "seq_tis", "geo_seq_mis", "icepop"])
+@pytest.mark.parametrize("loss", ["ppo_clip", "pg"])
+def test_batch_normalized_weights(loss, correction, mode):
+    """Weights divided by their batch mean (tokens, or sequences for sequence weights) average 1."""
+    cfg = dict(loss=loss, correction=correction, normalize=True, rejection_mode=mode, floor=0.8,
+               clip_low=0.2, clip_high=0.2)
+    batch = make_batch(seed=22, spread=0.4)
+    assert_matches(batch, cfg)
+    metrics = run_both(batch, cfg)[4]
+    if correction in ("token_tis", "icepop"):  # token weights: their mean over the loss's tokens is 1
+        assert metrics["correction_weight_mean"].item() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_normalization_with_the_steps_mean_splits_into_micro_batches():
+    """Micro-batches given the whole batch's weight mean and denominators sum to the full loss."""
+    from megatron_rlfp16.losses.correction import rollout_weights, weight_sums
+
+    batch = make_batch(seed=23, spread=0.4)
+    config = PolicyLossConfig(loss="ppo_clip", correction="seq_tis", correction_cap=1.5, correction_normalize=True)
+    args = ("logprobs", "old_logprobs", "rollout_logprobs", "advantages", "mask")
+    full, _ = policy_loss(*(batch[a] for a in args), config)
+    halves = [slice(0, 2), slice(2, B)]
+    mask = batch["mask"]
+    log_rho = (batch["old_logprobs"] - batch["rollout_logprobs"]).masked_fill(~mask, 0)
+    sums = sum(weight_sums(rollout_weights(log_rho[h], mask[h], config)[0], mask[h], True) for h in halves)
+    mean = sums[0] / sums[1]
+    n_tok, n_seq = mask.sum(), (mask.sum(-1) > 0).sum()
+    parts = sum(policy_loss(*(batch[a][h] for a in args), config, num_tokens=n_tok, num_seqs=n_seq,
+                            weight_mean=mean)[0] for h in halves)
+    torch.testing.assert_close(parts, full)
+    local = sum(policy_loss(*(batch[a][h] for a in args), config, num_tokens=n_tok, num_seqs=n_seq)[0]
+                for h in halves)
+    assert not torch.isclose(local, full), "each half's own mean must differ from the batch's here"
+
+
 @pytest.mark.parametrize("agg", AGGS)
 def test_explicit_global_denominators(agg):
     """Micro-batches with the global denominators sum to the full-batch loss; local ones do not."""
@@ -363,12 +531,12 @@ def test_explicit_global_denominators(agg):
 def test_metrics_match_naive_counts():
     batch = make_batch(seed=9, spread=0.5)
     mask = batch["mask"]
-    config = PolicyLossConfig(loss="ppo_clip", correction="token_mis", clip_low=0.2, clip_high=0.2)
+    config = PolicyLossConfig(loss="ppo_clip", correction="token_mis", clip_low=0.2, clip_high=0.2, dual_clip=1.1)
     _, metrics = policy_loss(
         batch["logprobs"], batch["old_logprobs"], batch["rollout_logprobs"], batch["advantages"], mask,
         config, ref_logprobs=batch["ref_logprobs"], entropy=batch["entropy"],
     )
-    ratios, clipped, weights, kls, ents = [], [], [], [], []
+    ratios, clipped, lower, weights, kls, ents = [], [], [], [], [], []
     for b in range(B):
         a = batch["advantages"][b].item()
         for t in range(T):
@@ -377,6 +545,7 @@ def test_metrics_match_naive_counts():
             r = math.exp(batch["logprobs"][b, t].item() - batch["old_logprobs"][b, t].item())
             ratios.append(r)
             clipped.append(-a * min(max(r, 0.8), 1.2) > -a * r)
+            lower.append(a < 0 and max(-a * r, -a * min(max(r, 0.8), 1.2)) > -1.1 * a)  # the dual clip binds
             rho = math.exp(batch["old_logprobs"][b, t].item() - batch["rollout_logprobs"][b, t].item())
             weights.append(rho if rho <= 2.0 else 0.0)
             d = batch["logprobs"][b, t].item() - batch["ref_logprobs"][b, t].item()
@@ -384,12 +553,14 @@ def test_metrics_match_naive_counts():
             ents.append(batch["entropy"][b, t].item())
     n = len(ratios)
     expected = {
-        "clip_frac": sum(clipped) / n, "ratio_mean": sum(ratios) / n, "ratio_max": max(ratios),
+        "clip_frac": sum(clipped) / n, "lower_clip_frac": sum(lower) / n, "correction_removed_frac": 0.0,
+        "ratio_mean": sum(ratios) / n, "ratio_max": max(ratios),
         "correction_weight_mean": sum(weights) / n, "correction_weight_max": max(weights),
         "correction_zeroed_frac": sum(w == 0 for w in weights) / n, "kl": sum(kls) / n,
         "entropy": sum(ents) / n,
     }
     assert 0 < expected["clip_frac"] < 1 and 0 < expected["correction_zeroed_frac"] < 1
+    assert 0 < expected["lower_clip_frac"] < 1
     assert set(metrics) == set(expected)
     for key, value in expected.items():
         assert isinstance(metrics[key], torch.Tensor) and metrics[key].dim() == 0, key
@@ -505,14 +676,24 @@ def test_advantages_errors(kwargs, words):
     ("dual_clip", 1.0, ["> 1"]),
     ("dual_clip", 0.5, ["> 1"]),
     ("norm_length", 0, ["> 0"]),
-    ("correction_floor", -0.1, ["correction_cap"]),
-    ("correction_floor", 3.0, ["correction_cap", "2.0"]),
+    ("correction_floor", -0.1, ["0 <= correction_floor <= the cap"]),
+    ("correction_floor", 3.0, ["the cap (= 2.0)"]),
+    ("rejection", {"seq_mean_k4": 0.1}, ["'seq_mean_k4'", "token_k1", "seq_max_k3"]),
+    ("rejection", {"token_k2": -1.0}, ["rejection['token_k2']=-1.0", "an upper bound > 0"]),
+    ("rejection", {"token_k3": (0.1, 0.2)}, ["rejection['token_k3']=(0.1, 0.2)", "one number"]),
+    ("rejection", {"token_k1": 0.5}, ["rejection['token_k1']=0.5", "U >= 1", "(L, U)"]),
+    ("rejection", {"seq_sum_k1": (2.0, 1.0)}, ["rejection['seq_sum_k1']=(2.0, 1.0)", "0 <= L <= U"]),
+    ("rejection", {}, ["non-empty mapping"]),
+    ("rejection_mode", "drop", ["'zero'", "'remove'"]),
+    ("correction_normalize", "yes", ["True or False"]),
 ])
 def test_config_errors_name_field_and_value(field, value, words):
     with pytest.raises(ValueError) as err:
         PolicyLossConfig(**{field: value})
     message = str(err.value)
-    assert f"PolicyLossConfig.{field}={value!r}" in message
+    assert f"PolicyLossConfig.{field}" in message
+    shown = [repr(x) for item in value.items() for x in item] if isinstance(value, dict) else [repr(value)]
+    assert all(text in message for text in shown), message
     for word in words:
         assert word in message
 

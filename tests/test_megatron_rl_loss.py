@@ -25,7 +25,19 @@ RUNS = [  # (loss config, temperature)
     (PolicyLossConfig(loss="pg", correction="seq_tis", correction_cap=2.0, agg="seq-mean-token-sum-norm",
                       norm_length=16.0), 0.7),
     (PolicyLossConfig(loss="gspo", clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean"), 1.0),
+    # Removal and batch normalization need the whole step before its first micro-batch.
+    (PolicyLossConfig(loss="ppo_clip", correction="seq_tis", correction_cap=1.5, correction_normalize=True,
+                      rejection={"token_k2": 0.01}, rejection_mode="remove", agg="token-mean"), 1.0),
 ]
+REMOVE_RUN = 3
+
+
+def kept_counts(batch: dict) -> tuple:
+    """(tokens, sequences) left by REMOVE_RUN's rejection, ½(log π_old − log μ)² <= 0.01, counted
+    with Python loops."""
+    mask, old, mu = (batch[k].tolist() for k in ("loss_mask", "old_logprobs", "rollout_logprobs"))
+    kept = [[m and 0.5 * (o - u) ** 2 <= 0.01 for m, o, u in zip(*row)] for row in zip(mask, old, mu)]
+    return sum(map(sum, kept)), sum(any(row) for row in kept)
 LAYOUTS = {  # name: (world size, tp, pp)
     "tp2": (2, 2, 1),
     "pp2": (2, 1, 2),
@@ -153,8 +165,14 @@ def test_loss_and_gradients_equal_single_rank_global_batch(reference, layout):
         for rank, out in enumerate(ranks):
             metrics = out[k]["metrics"]
             assert abs(metrics["loss"] - ref["loss"]) <= 1e-5, (name, k, rank, metrics["loss"], ref["loss"])
-            assert metrics["num_tokens"] == batch["loss_mask"].sum().item()
-            assert metrics["num_seqs"] == batch["loss_mask"].any(-1).sum().item()
+            if k == REMOVE_RUN:
+                tokens, seqs = kept_counts(batch)
+                assert 0 < tokens < batch["loss_mask"].sum().item()
+                assert metrics["correction_removed_frac"] == pytest.approx(
+                    1 - tokens / batch["loss_mask"].sum().item(), rel=1e-6)
+            else:
+                tokens, seqs = batch["loss_mask"].sum().item(), batch["loss_mask"].any(-1).sum().item()
+            assert (metrics["num_tokens"], metrics["num_seqs"]) == (tokens, seqs)
             grads = out[k]["grads"]
             assert sorted(grads) == sorted(ref["grads"])
             for hf_name, expected in ref["grads"].items():

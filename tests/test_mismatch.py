@@ -12,17 +12,21 @@ def naive_metrics(train, rollout, mask):
     train = train.double().tolist()
     rollout = rollout.double().tolist()
     mask = [[bool(v) for v in row] for row in mask.tolist()]
-    diffs, pts, prs, seq_abs = [], [], [], []
+    diffs, pts, prs, seq_abs, seq_sq_ratio, ppl_diff = [], [], [], [], [], []
     for tr_row, ro_row, m_row in zip(train, rollout, mask):
-        seq = 0.0
+        seq, nll_train, nll_roll = 0.0, 0.0, 0.0
         for tr, ro, keep in zip(tr_row, ro_row, m_row):
             if keep:
                 diffs.append(tr - ro)
                 pts.append(math.exp(tr))
                 prs.append(math.exp(ro))
                 seq += tr - ro
+                nll_train, nll_roll = nll_train - tr, nll_roll - ro
         if any(m_row):
+            length = sum(m_row)
             seq_abs.append(abs(seq))
+            seq_sq_ratio.append(math.prod(math.exp(tr - ro) for tr, ro, k in zip(tr_row, ro_row, m_row) if k) ** 2)
+            ppl_diff.append(abs(nll_train / length - nll_roll / length))  # |log ppl(π) − log ppl(μ)|
     n = len(diffs)
     prob_diffs = [abs(a - b) for a, b in zip(pts, prs)]
     mean_t, mean_r = sum(pts) / n, sum(prs) / n
@@ -40,6 +44,9 @@ def naive_metrics(train, rollout, mask):
         "seq_log_ratio_abs_mean": sum(seq_abs) / len(seq_abs),
         "seq_log_ratio_abs_max": max(seq_abs),
         "pearson_prob": cov / math.sqrt(var_t * var_r),
+        "chi2_token": sum(math.exp(d) ** 2 for d in diffs) / n - 1,
+        "chi2_seq": sum(seq_sq_ratio) / len(seq_sq_ratio) - 1,
+        "log_ppl_abs_diff": sum(ppl_diff) / len(ppl_diff),
         "num_tokens": float(n),
         "num_sequences": float(len(seq_abs)),
     }

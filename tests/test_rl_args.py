@@ -18,7 +18,8 @@ from megatron_rlfp16.megatron import (
 
 FLAGS = [
     "--rl-loss", "--rl-clip-low", "--rl-clip-high", "--rl-dual-clip", "--rl-correction",
-    "--rl-correction-cap", "--rl-correction-floor", "--rl-correction-veto", "--rl-agg", "--rl-norm-length", "--rl-kl-coef",
+    "--rl-correction-cap", "--rl-correction-floor", "--rl-correction-veto", "--rl-rejection",
+    "--rl-rejection-mode", "--rl-correction-normalize", "--rl-agg", "--rl-norm-length", "--rl-kl-coef",
     "--rl-kl-estimator", "--rl-entropy-coef", "--rl-advantage-estimator", "--rl-group-size",
     "--rl-temperature", "--rl-routing-replay", "--rl-overlong-buffer", "--rl-overlong-penalty",
     "--rl-dynamic-sampling", "--rl-dynamic-sampling-rounds", "--rl-mask-truncated",
@@ -70,6 +71,33 @@ def test_explicit_command_line():
     assert (cfg.advantage_estimator, cfg.group_size, cfg.temperature) == ("rloo", 16, 0.7)
 
 
+def test_rejection_flags_take_verls_spelling():
+    """verl's rollout_rs=token_k1,seq_mean_k3 with rollout_rs_threshold=0.5_2.0,0.005 in one flag."""
+    args = parse(["--rl-correction", "token_tis", "--rl-rejection", "token_k1=0.5_2.0, seq_mean_k3=0.005",
+                  "--rl-rejection-mode", "remove", "--rl-correction-normalize", "true"])
+    cfg = loss_config_from_args(args)
+    assert cfg.rejection == {"token_k1": (0.5, 2.0), "seq_mean_k3": 0.005}
+    assert (cfg.rejection_mode, cfg.correction_normalize) == ("remove", True)
+    assert cfg.band() == (0.0, 2.0) and cfg.correction_cap is None
+    assert loss_config_from_args(parse(["--rl-correction", "icepop"])).band() == (0.5, 5.0)
+
+
+@pytest.mark.parametrize("value, words", [
+    ("token_k1", "is not CRITERION=BOUND"),
+    ("token_k1=a_b", "'a_b' in 'token_k1=a_b' is not a number or LOWER_UPPER"),
+    ("token_k1=1_2_3", "is not a number or LOWER_UPPER"),
+])
+def test_bad_rejection_flag(value, words, capsys):
+    with pytest.raises(SystemExit):
+        parse(["--rl-rejection", value])
+    assert words in capsys.readouterr().err
+
+
+def test_bad_rejection_bound_names_the_flag():
+    with pytest.raises(ValueError, match=r"--rl-rejection: PolicyLossConfig.rejection\['token_k2'\]=-1.0"):
+        loss_config_from_args(parse(["--rl-rejection", "token_k2=-1"]))
+
+
 def test_none_is_accepted_for_optional_fields():
     args = parse(["--rl-correction", "none", "--rl-dual-clip", "none", "--rl-norm-length", "None"])
     cfg = loss_config_from_args(args)
@@ -83,6 +111,9 @@ def test_none_is_accepted_for_optional_fields():
     PolicyLossConfig(loss="ppo_clip", dual_clip=3.0, correction="icepop", correction_cap=2.0,
                      correction_floor=0.5, kl_coef=0.04, entropy_coef=1e-3, agg="seq-mean-token-sum-norm",
                      norm_length=1024.0),
+    PolicyLossConfig(correction="token_tis", rejection={"token_k1": (0.5, 2.0), "seq_mean_k3": 0.005},
+                     rejection_mode="remove", correction_normalize=True),
+    PolicyLossConfig(correction="icepop", rejection={"seq_max_k2": 2.5}),
     RLConfig(loss=PolicyLossConfig(loss="cispo", clip_low=0.99, clip_high=1.0), advantage_estimator="drgrpo",
              group_size=4, temperature=0.6),
 ])

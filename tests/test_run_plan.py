@@ -173,6 +173,20 @@ def test_plan_refuses_batch_arithmetic_that_would_crash_mid_step(llama_dir, worl
         resolve_plan(_config(llama_dir, run=RunConfig(**run)), world_size=world)
 
 
+def test_plan_refuses_removal_without_pi_old(llama_dir):
+    from megatron_rlfp16.losses import PolicyLossConfig
+    from megatron_rlfp16.megatron import RLConfig
+    from megatron_rlfp16.plan import resolve_plan
+    from megatron_rlfp16.trainer import RunConfig
+
+    loss = PolicyLossConfig(loss="pg", correction="seq_mis", rejection_mode="remove")
+    with pytest.raises(ValueError, match=r"rejection_mode='remove' decides on π_old, which loss='pg' has only "
+                                         r"with RunConfig.recompute_old_logprobs=True"):
+        resolve_plan(_config(llama_dir, rl=RLConfig(loss=loss), run=RunConfig(recompute_old_logprobs=False)),
+                     world_size=2)
+    resolve_plan(_config(llama_dir, rl=RLConfig(loss=loss)), world_size=2)  # π_old recomputed: fine
+
+
 def test_plan_resolves_lora(llama_dir, moe_dir):
     from megatron_rlfp16.lora import LORA_TARGETS, LoraConfig
     from megatron_rlfp16.plan import resolve_plan

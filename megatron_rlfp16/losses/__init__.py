@@ -4,7 +4,10 @@ This package imports no Megatron (and nothing else from this project), so the ma
 tested and reused on its own; the trainer hands it ``[B, T]`` tensors plus the global denominators.
 
 - ``policy.py``       per-token objectives: ppo_clip, gspo, pg, cispo
-- ``correction.py``   rollout (training–inference mismatch) corrections: token/seq TIS, MIS, IcePop
+- ``correction.py``   rollout (training–inference mismatch) corrections: token/seq/geometric TIS, MIS,
+                      IcePop, the veto, batch normalization
+- ``rejection.py``    k1/k2/k3 divergence rejection per token and per sequence (sum/mean/max)
+- ``shaping.py``      DAPO's overlong reward shaping
 - ``kl.py``           k1 / k2 / k3 KL estimators
 - ``aggregation.py``  per-token losses -> scalar, with explicit global denominators
 - ``advantages.py``   group-relative advantages: grpo, drgrpo, rloo

@@ -5,7 +5,8 @@ rounding, ...). The correction reweights each token or sequence by ρ = π_prox 
 objective's proximal policy (π_old for ppo_clip / gspo / cispo, sg(πθ) for pg), then truncates
 (TIS) or masks (MIS, IcePop) it at a cap C so a few extreme ratios cannot blow up the variance.
 
-Every function here receives ``log_rho`` = log π_prox − log μ (``[B, T]``, detached, padding = 0,
+The cap C and floor F are ``config.band()``: ``correction_cap`` / ``correction_floor``, or the
+correction's defaults where those are None. Every function here receives ``log_rho`` = log π_prox − log μ (``[B, T]``, detached, padding = 0,
 float32 or wider) and returns a detached weight broadcastable to ``[B, T]``.
 
 Sequence ratios multiply up to thousands of tokens, so they are summed in log space and clamped
@@ -19,7 +20,8 @@ import math
 
 import torch
 
-from megatron_rlfp16.losses.registry import register_correction
+from megatron_rlfp16.losses.registry import CORRECTIONS, register_correction
+from megatron_rlfp16.losses.rejection import keep_mask
 
 
 def _ratio(log_rho: torch.Tensor, cap: float) -> torch.Tensor:
@@ -39,6 +41,11 @@ def _mask(log_rho: torch.Tensor, cap: float, floor: float = 0.0) -> torch.Tensor
     return torch.where(keep, rho, torch.zeros_like(rho))
 
 
+def _band_mask(log_rho: torch.Tensor, config) -> torch.Tensor:
+    floor, cap = config.band()
+    return _mask(log_rho, cap, floor)
+
+
 def _sequence_log_rho(log_rho: torch.Tensor) -> torch.Tensor:
     return log_rho.sum(-1, keepdim=True)
 
@@ -50,7 +57,7 @@ def token_tis(log_rho, mask, config) -> torch.Tensor:
     TIS, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training",
     https://fengyao.notion.site/off-policy-rl ; GRPO-Token-TIS in https://arxiv.org/abs/2510.26788.
     """
-    return _truncate(log_rho, config.correction_cap)
+    return _truncate(log_rho, config.band()[1])
 
 
 @register_correction("token_mis")
@@ -61,7 +68,7 @@ def token_mis(log_rho, mask, config) -> torch.Tensor:
     Drops the tokens whose mismatch is too large instead of clamping them, so they add no biased
     gradient (one of the corrections compared in https://arxiv.org/abs/2510.26788).
     """
-    return _mask(log_rho, config.correction_cap, config.correction_floor)
+    return _band_mask(log_rho, config)
 
 
 @register_correction("seq_tis")
@@ -71,7 +78,7 @@ def seq_tis(log_rho, mask, config) -> torch.Tensor:
     With C = inf this is the unbiased sequence IS weight (the FP16 paper's PG-Seq-IS); with finite C it
     is PG-Seq-TIS, https://arxiv.org/abs/2510.26788. Returns ``[B, 1]``.
     """
-    return _truncate(_sequence_log_rho(log_rho), config.correction_cap)
+    return _truncate(_sequence_log_rho(log_rho), config.band()[1])
 
 
 @register_correction("seq_mis")
@@ -81,7 +88,7 @@ def seq_mis(log_rho, mask, config) -> torch.Tensor:
     A whole sequence is dropped when its likelihood ratio exceeds C (PG-Seq-MIS / GRPO-Seq-MIS in
     https://arxiv.org/abs/2510.26788). Returns ``[B, 1]``.
     """
-    return _mask(_sequence_log_rho(log_rho), config.correction_cap, config.correction_floor)
+    return _band_mask(_sequence_log_rho(log_rho), config)
 
 
 def _geometric_log_rho(log_rho: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -97,7 +104,7 @@ def geo_seq_tis(log_rho, mask, config) -> torch.Tensor:
     length, so one cap suits short and long responses (verl's "geometric" sequence ratio; GSPO's
     length-normalized ratio applied to the rollout correction). Returns ``[B, 1]``.
     """
-    return _truncate(_geometric_log_rho(log_rho, mask), config.correction_cap)
+    return _truncate(_geometric_log_rho(log_rho, mask), config.band()[1])
 
 
 @register_correction("geo_seq_mis")
@@ -105,7 +112,12 @@ def geo_seq_mis(log_rho, mask, config) -> torch.Tensor:
     """Geometric-mean sequence MIS: w = ρ_geo·1{F ≤ ρ_geo ≤ C}, ρ_geo as in ``geo_seq_tis``: a whole
     sequence is dropped when its per-token mismatch leaves the band. Returns ``[B, 1]``.
     """
-    return _mask(_geometric_log_rho(log_rho, mask), config.correction_cap, config.correction_floor)
+    return _band_mask(_geometric_log_rho(log_rho, mask), config)
+
+
+def normalized(weight: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``weight / mean``; an all-zero batch (mean 0) stays 0."""
+    return weight / torch.where(mean > 0, mean, torch.ones_like(mean))
 
 
 def veto(log_rho: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -121,7 +133,36 @@ def icepop(log_rho, mask, config) -> torch.Tensor:
     """IcePop: keep a token's weight only inside a band, w_t = ρ_t·1{floor ≤ ρ_t ≤ C}.
 
     Ring-1T / IcePop, https://arxiv.org/abs/2510.18855 (it discards tokens whose train/inference
-    probability ratio leaves [α, β]; ``correction_floor`` = α, ``correction_cap`` = β). Returns
-    ``[B, T]``.
+    probability ratio leaves [α, β]; ``correction_floor`` = α, ``correction_cap`` = β, by default the
+    paper's 0.5 and 5). Returns ``[B, T]``.
     """
-    return _mask(log_rho, config.correction_cap, config.correction_floor)
+    return _band_mask(log_rho, config)
+
+
+def rollout_weights(log_rho: torch.Tensor, mask: torch.Tensor, config) -> tuple[torch.Tensor, bool]:
+    """The detached ``[B, T]`` weight of every token before batch normalization — the correction's
+    weight (1 without one) times the veto times the rejection's keep mask — and whether the
+    correction's weight is one per sequence. ``log_rho``, ``mask``: ``[B, T]`` as above."""
+    weight = torch.ones_like(log_rho)
+    seq_level = False
+    if config.correction is not None:
+        own = CORRECTIONS.get(config.correction)(log_rho, mask, config).detach()
+        seq_level = own.dim() == 2 and own.shape[-1] == 1
+        weight = weight * own
+    if config.correction_veto is not None:
+        weight = weight * veto(log_rho, mask, config.correction_veto)
+    if config.rejection is not None:
+        weight = weight * keep_mask(log_rho, mask, config.rejection).to(weight.dtype)
+    return weight, seq_level
+
+
+def weight_sums(weight: torch.Tensor, mask: torch.Tensor, seq_level: bool) -> torch.Tensor:
+    """``[sum, count]`` whose ratio is the batch mean of the weights (``correction_normalize``):
+    over the masked tokens, or for sequence weights over the non-empty rows, each row the mean of
+    its tokens' weights. Sums of several micro-batches (and ranks) add up to the whole batch's."""
+    maskf = mask.to(weight.dtype)
+    if not seq_level:
+        return torch.stack([(weight * maskf).sum(), maskf.sum()])
+    lengths = maskf.sum(-1)
+    per_row = (weight * maskf).sum(-1) / lengths.clamp(min=1)
+    return torch.stack([per_row.sum(), (lengths > 0).to(weight.dtype).sum()])

@@ -17,8 +17,8 @@ import torch
 from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
 
 from megatron_rlfp16.losses.config import PolicyLossConfig
-from megatron_rlfp16.losses.correction import veto
-from megatron_rlfp16.losses.registry import AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
+from megatron_rlfp16.losses.correction import normalized, rollout_weights, weight_sums
+from megatron_rlfp16.losses.registry import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 
 Count = Union[int, float, torch.Tensor]
 
@@ -59,6 +59,7 @@ def policy_loss(
     entropy: Optional[torch.Tensor] = None,
     num_tokens: Optional[Count] = None,
     num_seqs: Optional[Count] = None,
+    weight_mean: Optional[Count] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The RL policy loss for one micro-batch, and its metrics.
 
@@ -78,14 +79,23 @@ def policy_loss(
             Default: this call's ``mask.sum()`` (at least 1).
         num_seqs: global number of sequences. Default: this call's rows with at least one masked
             token (at least 1).
+        weight_mean: with ``config.correction_normalize``, the batch mean the weights are divided
+            by (``correction.weight_sums`` of the whole step). Default: this call's own mean.
+
+    With ``config.rejection_mode="remove"`` the rejected tokens leave ``mask`` here; global
+    ``num_tokens`` / ``num_seqs`` must then be counted on the mask after that removal (the trainer's
+    ``train_step`` does so).
 
     Returns:
         ``(loss, metrics)``: the scalar loss in the compute dtype (the wider of float32 and
         ``logprobs.dtype``) and a dict of detached 0-dim tensors: ``clip_frac``, ``ratio_mean``,
         ``ratio_max``, ``correction_weight_mean``, ``correction_weight_max``,
-        ``correction_zeroed_frac``, ``kl``, ``entropy`` (``kl`` / ``entropy`` are 0 when their inputs
-        are not given; correction metrics are 1, 1, 0 without a correction). Sequence-level weights
-        are averaged per token.
+        ``correction_zeroed_frac``, ``correction_removed_frac``, ``lower_clip_frac``, ``kl``,
+        ``entropy`` (``kl`` / ``entropy`` are 0 when their inputs are not given; correction metrics
+        are 1, 1, 0, 0 without a correction). Sequence-level weights are averaged per token.
+        ``clip_frac`` counts the tokens the ratio clip acted on, ``lower_clip_frac`` those the
+        dual clip capped (A < 0), as verl reports them; ``correction_removed_frac`` is relative to
+        the given mask, the others to the tokens left in the loss.
     """
     objective = POLICY_LOSSES.get(config.loss)
     if logprobs.dim() != 2:
@@ -105,6 +115,13 @@ def policy_loss(
         raise ValueError(f"rollout_logprobs is None but config.correction={config.correction!r} needs it")
     if rollout_logprobs is None and config.correction_veto is not None:
         raise ValueError(f"rollout_logprobs is None but config.correction_veto={config.correction_veto!r} needs it")
+    if rollout_logprobs is None and config.rejection is not None:
+        raise ValueError(f"rollout_logprobs is None but config.rejection={config.rejection!r} needs it")
+    if old_logprobs is None and config.rejection_mode == "remove" and objective.proximal == "current":
+        raise ValueError(
+            f"config.rejection_mode='remove' decides on π_old, and loss={config.loss!r} (proximal policy "
+            "sg(πθ)) has none in bypass mode (old_logprobs=None); pass old_logprobs or use rejection_mode='zero'"
+        )
     if rollout_logprobs is None and old_logprobs is None:
         raise ValueError("old_logprobs and rollout_logprobs are both None; bypass mode (old_logprobs=None) "
                          "uses rollout_logprobs as π_old, so pass at least one")
@@ -114,10 +131,10 @@ def policy_loss(
         raise ValueError(f"entropy is None but config.entropy_coef={config.entropy_coef!r} needs it")
     _check_count("num_tokens", num_tokens)
     _check_count("num_seqs", num_seqs)
+    _check_count("weight_mean", weight_mean)
 
     dtype = torch.promote_types(logprobs.dtype, ACCUM_DTYPE)
     mask = mask if mask.dtype == torch.bool else mask != 0
-    maskf = mask.to(dtype)
 
     # Padding may hold anything (even inf); zeroing it first keeps NaNs out of both loss and grads.
     def prepare(t: Optional[torch.Tensor], detach: bool = True) -> Optional[torch.Tensor]:
@@ -129,23 +146,29 @@ def policy_loss(
     lp = prepare(logprobs, detach=False)
     mu = prepare(rollout_logprobs)
     old = prepare(old_logprobs) if old_logprobs is not None else mu
+    given = mask
+    one = torch.ones((), dtype=dtype, device=lp.device)
+    weight = one.expand(shape)
+    corrected = config.correction is not None or config.correction_veto is not None or config.rejection is not None
+    if corrected:
+        proximal = old if objective.proximal == "old" else lp.detach()
+        weight, seq_level = rollout_weights((proximal - mu).masked_fill(~mask, 0.0), mask, config)
+        if config.rejection_mode == "remove":  # decided on π_old (= the proximal policy before any update)
+            decided = weight if objective.proximal == "old" else rollout_weights(
+                (old - mu).masked_fill(~mask, 0.0), mask, config)[0]
+            mask = mask & (decided != 0)
+        if config.correction_normalize:
+            if weight_mean is None:
+                sums = weight_sums(weight, mask, seq_level)
+                weight_mean = sums[0] / sums[1].clamp(min=1)
+            weight = normalized(weight, torch.as_tensor(weight_mean, dtype=dtype, device=lp.device))
+    maskf = mask.to(dtype)
     adv = advantages.detach().to(dtype)
     adv = (adv[:, None] if adv.dim() == 1 else adv).expand(shape).masked_fill(~mask, 0.0)
 
     terms = objective.fn(lp, old, adv, mask, config)
-    token_loss = terms.loss
-    one = torch.ones((), dtype=dtype, device=lp.device)
-    weight, zeroed = one.expand(shape), torch.zeros_like(mask)
-    corrected = config.correction is not None or config.correction_veto is not None
-    if corrected:
-        proximal = old if objective.proximal == "old" else lp.detach()
-        log_rho = (proximal - mu).masked_fill(~mask, 0.0)
-        if config.correction is not None:
-            weight = CORRECTIONS.get(config.correction)(log_rho, mask, config).detach().expand(shape)
-        if config.correction_veto is not None:
-            weight = weight * veto(log_rho, mask, config.correction_veto).expand(shape)
-        zeroed = weight == 0
-        token_loss = weight * token_loss
+    token_loss = weight * terms.loss if corrected else terms.loss
+    zeroed = mask & (weight == 0)
 
     kl = None
     if ref_logprobs is not None:
@@ -164,14 +187,17 @@ def policy_loss(
     loss = AGGREGATIONS.get(config.agg)(token_loss, maskf, num_tokens, num_seqs, config)
 
     zero = torch.zeros((), dtype=dtype, device=lp.device)
+    lower = terms.lower_clipped
     with torch.no_grad():
         metrics = {
             "clip_frac": _masked_mean(terms.clipped.to(dtype), mask, local_tokens),
+            "lower_clip_frac": _masked_mean(lower.to(dtype), mask, local_tokens) if lower is not None else zero,
             "ratio_mean": _masked_mean(terms.ratio, mask, local_tokens),
             "ratio_max": _masked_max(terms.ratio, mask),
             "correction_weight_mean": _masked_mean(weight, mask, local_tokens) if corrected else one,
             "correction_weight_max": _masked_max(weight, mask) if corrected else one,
             "correction_zeroed_frac": _masked_mean(zeroed.to(dtype), mask, local_tokens),
+            "correction_removed_frac": (given & ~mask).sum().to(dtype) / given.sum().clamp(min=1),
             "kl": _masked_mean(kl, mask, local_tokens) if kl is not None else zero,
             "entropy": _masked_mean(ent, mask, local_tokens) if ent is not None else zero,
         }

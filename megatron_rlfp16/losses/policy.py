@@ -7,7 +7,7 @@ sg(·) stop-gradient, r_t = exp(log πθ_t − log π_old_t).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -19,12 +19,14 @@ class PolicyTerms(NamedTuple):
 
     ``loss``: per-token loss ℓ_t (differentiable). ``ratio``: the detached importance ratio the
     objective used, reported as ``ratio_mean`` / ``ratio_max``. ``clipped``: bool, tokens whose
-    gradient the clip removed or rescaled, reported as ``clip_frac``.
+    gradient the clip removed or rescaled, reported as ``clip_frac``. ``lower_clipped``: bool or
+    None, tokens a second, lower clip capped (ppo_clip's dual clip), reported as ``lower_clip_frac``.
     """
 
     loss: torch.Tensor
     ratio: torch.Tensor
     clipped: torch.Tensor
+    lower_clipped: Optional[torch.Tensor] = None
 
 
 def _pessimistic(ratio: torch.Tensor, advantages: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +41,8 @@ def ppo_clip(logprobs, old_logprobs, advantages, mask, config) -> PolicyTerms:
     """PPO clipped surrogate, optionally dual-clipped.
 
     ℓ_t = max(−A·r_t, −A·clip(r_t, 1−ε_low, 1+ε_high)); with dual clip c and A < 0,
-    ℓ_t = min(ℓ_t, −c·A). Shapes: all ``[B, T]``.
+    ℓ_t = min(ℓ_t, −c·A). Shapes: all ``[B, T]``. ``clipped`` marks the first clip, ``lower_clipped``
+    the dual clip (verl's ``pg_clipfrac`` / ``pg_clipfrac_lower``).
 
     PPO: https://arxiv.org/abs/1707.06347; GRPO uses it per token: https://arxiv.org/abs/2402.03300;
     dual clip: https://arxiv.org/abs/1912.09729; asymmetric ε_high (clip-higher): DAPO
@@ -48,12 +51,12 @@ def ppo_clip(logprobs, old_logprobs, advantages, mask, config) -> PolicyTerms:
     # Not clamped: an exploding ratio should show up in ratio_max, not be hidden by a silent bound.
     ratio = torch.exp(logprobs - old_logprobs)
     loss, clipped = _pessimistic(ratio, advantages, config)
+    dual = None
     if config.dual_clip is not None:
         cap = -config.dual_clip * advantages
         dual = (advantages < 0) & (cap < loss)
         loss = torch.where(dual, cap, loss)
-        clipped = clipped | dual
-    return PolicyTerms(loss, ratio.detach(), clipped)
+    return PolicyTerms(loss, ratio.detach(), clipped, dual)
 
 
 @register_policy_loss("gspo", proximal="old")

@@ -115,6 +115,34 @@ def _optional_float(text: str) -> Optional[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor {NONE!r}") from None
 
 
+def _rejection(text: str):
+    """``--rl-rejection``: "none" or ``CRITERION=BOUND[,CRITERION=BOUND...]``, BOUND a number or, for
+    k1 criteria, LOWER_UPPER (verl's ``rollout_rs`` / ``rollout_rs_threshold`` spelling)."""
+    if text.strip().lower() == NONE:
+        return None
+    spec = {}
+    for item in text.split(","):
+        name, sep, bound = item.strip().partition("=")
+        if not sep or not name or not bound:
+            raise argparse.ArgumentTypeError(
+                f"{item.strip()!r} is not CRITERION=BOUND (e.g. seq_mean_k3=0.005 or token_k1=0.5_2.0)")
+        try:
+            parts = [float(b) for b in bound.split("_")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{bound!r} in {item.strip()!r} is not a number or LOWER_UPPER") from None
+        if len(parts) > 2:
+            raise argparse.ArgumentTypeError(f"{bound!r} in {item.strip()!r} is not a number or LOWER_UPPER")
+        spec[name.strip()] = parts[0] if len(parts) == 1 else tuple(parts)
+    return spec
+
+
+def _rejection_text(spec) -> str:
+    if spec is None:
+        return NONE
+    return ",".join(f"{name}={'_'.join(map(repr, b)) if isinstance(b, (tuple, list)) else repr(float(b))}"
+                    for name, b in spec.items())
+
+
 # PolicyLossConfig field -> flag; the order is the order of --help.
 _LOSS_FLAGS = {
     "loss": "--rl-loss",
@@ -125,6 +153,9 @@ _LOSS_FLAGS = {
     "correction_cap": "--rl-correction-cap",
     "correction_floor": "--rl-correction-floor",
     "correction_veto": "--rl-correction-veto",
+    "rejection": "--rl-rejection",
+    "rejection_mode": "--rl-rejection-mode",
+    "correction_normalize": "--rl-correction-normalize",
     "agg": "--rl-agg",
     "norm_length": "--rl-norm-length",
     "kl_coef": "--rl-kl-coef",
@@ -171,12 +202,20 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=_optional_float, metavar="C|none")
     add("--rl-correction", "correction", "rollout (training-inference mismatch) correction",
         choices=(NONE,) + CORRECTIONS.names())
-    add("--rl-correction-cap", "correction_cap", "cap C on the importance weight (inf = uncapped)",
-        type=float)
+    add("--rl-correction-cap", "correction_cap", "cap C on the importance weight (inf = uncapped), or none "
+        "for the correction's default (icepop: 5, others: 2)", type=_optional_float, metavar="C|none")
     add("--rl-correction-floor", "correction_floor", "lower bound F of the masks (token_mis, seq_mis, "
-        "geo_seq_mis, icepop): weights below it are dropped too", type=float)
+        "geo_seq_mis, icepop): weights below it are dropped too; none: the correction's default (icepop: "
+        "0.5, others: 0)", type=_optional_float, metavar="F|none")
     add("--rl-correction-veto", "correction_veto", "veto threshold: a sequence with any token ratio below it "
         "gets weight 0, or none", type=_optional_float, metavar="T|none")
+    add("--rl-rejection", "rejection", "divergence rejection: CRITERION=BOUND[,...] with criteria token_k1.."
+        "seq_max_k3 (e.g. seq_mean_k3=0.005, token_k1=0.5_2.0), or none", type=_rejection,
+        metavar="SPEC|none")
+    add("--rl-rejection-mode", "rejection_mode", "zero: rejected tokens get weight 0 and stay in the "
+        "denominators; remove: they leave the loss mask and the denominators", choices=("zero", "remove"))
+    add("--rl-correction-normalize", "correction_normalize", "divide the importance weights by their batch "
+        "mean (true/false)", type=_boolean, metavar="true|false")
     add("--rl-agg", "agg", "aggregation of per-token losses (global denominators)",
         choices=AGGREGATIONS.names())
     add("--rl-norm-length", "norm_length",
@@ -207,7 +246,7 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _reraise_with_flag(err: ValueError, flags: dict, prefix: str) -> ValueError:
-    match = re.match(rf"{prefix}\.(\w+)=", str(err))
+    match = re.match(rf"{prefix}\.(\w+)\b", str(err))
     flag = flags.get(match.group(1)) if match else None
     return ValueError(f"{flag}: {err}" if flag else str(err))
 
@@ -243,6 +282,9 @@ def rl_argv(config: Union[PolicyLossConfig, RLConfig]) -> List[str]:
     loss = config.loss if isinstance(config, RLConfig) else config
     for field, flag in _LOSS_FLAGS.items():
         value = getattr(loss, field)
+        if field == "rejection":
+            argv += [flag, _rejection_text(value)]
+            continue
         argv += [flag, NONE if value is None else repr(value) if isinstance(value, float) else str(value)]
     if isinstance(config, RLConfig):
         for field, flag in _RL_FLAGS.items():

@@ -41,6 +41,8 @@ from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
 from megatron_rlfp16.bridge.context import unwrap
 from megatron_rlfp16.logprobs import next_token_logprobs, vocab_parallel_logprobs
 from megatron_rlfp16.losses import PolicyLossConfig, policy_loss
+from megatron_rlfp16.losses.correction import rollout_weights, weight_sums
+from megatron_rlfp16.losses.registry import POLICY_LOSSES
 from megatron_rlfp16.megatron.batch import MicroBatch, model_inputs, to_device
 
 _DEFAULT = object()
@@ -61,6 +63,11 @@ class GlobalCounts:
     """Micro-batches per rank in the step (what ``forward_backward_func`` divides a loss by)."""
     dp_size: int = 1
     """Data-parallel ranks the gradients are averaged over (Megatron DDP's 1/DP scaling)."""
+    mask_tokens: Optional[torch.Tensor] = None
+    """0-dim float32: ``loss_mask`` entries before ``rejection_mode="remove"`` took any out (None:
+    nothing was removed, it equals ``num_tokens``)."""
+    weight_mean: Optional[torch.Tensor] = None
+    """0-dim float32: the step's mean correction weight, for ``correction_normalize`` (else None)."""
 
     @property
     def loss_multiplier(self) -> int:
@@ -68,25 +75,69 @@ class GlobalCounts:
         return self.num_microbatches * self.dp_size
 
 
-def global_counts(micro_batches: Sequence[MicroBatch], dp_group=None) -> GlobalCounts:
+def global_counts(micro_batches: Sequence[MicroBatch], dp_group=None,
+                  loss_config: Optional[PolicyLossConfig] = None) -> GlobalCounts:
     """Sums the step's token and sequence counts over ``micro_batches`` and the ``dp_group``.
 
-    Collective over ``dp_group`` (None: no reduction). Integer sums, so the result does not depend on
-    the reduction order; at least 1 each, so an all-padding step divides by 1 instead of 0.
+    Collective over ``dp_group`` (None: no reduction). Token and sequence counts are integer sums
+    (exact in float64), so they do not depend on the reduction order; at least 1 each, so an
+    all-padding step divides by 1 instead of 0.
+
+    With ``loss_config``, what its rollout correction needs before the first micro-batch: under
+    ``rejection_mode="remove"`` the counts leave out the tokens ``policy_loss`` will remove (the same
+    decision, on π_old: ``correction.rollout_weights``), and with ``correction_normalize`` the step's
+    mean weight is summed over every micro-batch and rank (``weight_mean``).
     """
-    counts = torch.zeros(2, dtype=torch.int64)
+    # tokens, sequences, tokens before removal, weight sum, weight count
+    sums = torch.zeros(5, dtype=torch.float64)
     dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
     for mb in micro_batches:
         mask = mb["loss_mask"] != 0
-        counts[0] += mask.sum().cpu()
-        counts[1] += mask.any(-1).sum().cpu()
+        sums[2] += mask.sum().cpu()
+        kept, weights = _step_correction(mb, mask, loss_config)
+        sums[0] += kept.sum().cpu()
+        sums[1] += kept.any(-1).sum().cpu()
+        if weights is not None:
+            sums[3:] += weights.cpu().to(torch.float64)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         device = _comm_device()
-        counts = counts.to(device)
-        dist.all_reduce(counts, group=dp_group)
-    counts = counts.clamp(min=1).to(ACCUM_DTYPE)
-    return GlobalCounts(num_tokens=counts[0], num_seqs=counts[1], num_microbatches=len(micro_batches),
-                        dp_size=dp_size)
+        sums = sums.to(device)
+        dist.all_reduce(sums, group=dp_group)
+    sums = sums.cpu()
+    counts = sums[:3].clamp(min=1).to(ACCUM_DTYPE)
+    normalize = loss_config is not None and loss_config.correction_normalize
+    return GlobalCounts(
+        num_tokens=counts[0], num_seqs=counts[1], num_microbatches=len(micro_batches), dp_size=dp_size,
+        mask_tokens=counts[2] if counts[2] != counts[0] else None,
+        weight_mean=(sums[3] / sums[4].clamp(min=1)).to(ACCUM_DTYPE) if normalize else None,
+    )
+
+
+def _step_correction(mb: MicroBatch, mask: torch.Tensor, config: Optional[PolicyLossConfig]):
+    """(the tokens left after ``rejection_mode="remove"``, ``[sum, count]`` of the weights or None),
+    decided as ``policy_loss`` decides them: on log π_old − log μ."""
+    corrected = config is not None and (config.correction is not None or config.correction_veto is not None
+                                        or config.rejection is not None)
+    remove = corrected and config.rejection_mode == "remove"
+    normalize = corrected and config.correction_normalize
+    if not (remove or normalize):
+        return mask, None
+    mu = mb.get("rollout_logprobs")
+    if mu is None:
+        raise ValueError(f"the rollout correction ({config.correction!r}, rejection_mode="
+                         f"{config.rejection_mode!r}) needs rollout_logprobs in every micro-batch")
+    old = mb.get("old_logprobs")
+    if old is None and POLICY_LOSSES.get(config.loss).proximal == "current" and remove:
+        raise ValueError(
+            f"rejection_mode='remove' decides on π_old, and loss={config.loss!r} has none in bypass mode: "
+            "recompute π_old (RunConfig.recompute_old_logprobs=True) or use rejection_mode='zero'"
+        )
+    dtype = torch.promote_types(mu.dtype, ACCUM_DTYPE)
+    mu = mu.detach().to(dtype).masked_fill(~mask, 0.0)
+    old = mu if old is None else old.detach().to(dtype).masked_fill(~mask, 0.0)
+    weight, seq_level = rollout_weights((old - mu).masked_fill(~mask, 0.0), mask, config)
+    kept = mask & (weight != 0) if remove else mask
+    return kept, weight_sums(weight, kept, seq_level) if normalize else None
 
 
 def _comm_device() -> torch.device:
@@ -183,9 +234,12 @@ def rl_loss_func(
         logprobs, batch.get("old_logprobs"), batch.get("rollout_logprobs"), batch["advantages"], mask,
         loss_config, ref_logprobs=batch.get("ref_logprobs"), entropy=entropy,
         num_tokens=counts.num_tokens.to(logprobs.device), num_seqs=counts.num_seqs.to(logprobs.device),
+        weight_mean=None if counts.weight_mean is None else counts.weight_mean.to(logprobs.device),
     )
     n_local = mask.sum().to(torch.int)
-    per_token = loss.detach() * counts.num_tokens.to(loss.device)
+    # The loss is reported per token of the micro-batches' masks (those before any removal).
+    given = counts.num_tokens if counts.mask_tokens is None else counts.mask_tokens
+    per_token = loss.detach() * given.to(loss.device)
     reported: Dict[str, torch.Tensor] = {"loss": torch.stack([per_token, n_local.to(loss.dtype)])}
     for key, value in metrics.items():
         if key in MAX_METRICS:

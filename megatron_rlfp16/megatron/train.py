@@ -103,7 +103,7 @@ def train_step(
     _check_model(model)
     batch_size, seq_length = check_micro_batches(micro_batches, training=True)
     dp_group, pp_group = _groups()
-    counts = global_counts(micro_batches, dp_group)
+    counts = global_counts(micro_batches, dp_group, loss_config)
     if zero_grad:
         model.zero_grad_buffer()
         # Megatron's FP32 optimizer leaves ``param.grad`` aliased to ``main_grad`` after its step;

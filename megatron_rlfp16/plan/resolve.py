@@ -186,6 +186,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         # The engine keeps its base weights through the training phase (sleep level 1): only the
         # adapters are written after a step, and a level-2 sleep would discard the base.
         rollout = dataclasses.replace(rollout, max_lora_rank=_engine_lora_limit(lora, rollout), sleep_level=1)
+    _check_rejection(config)
     if config.rl.overlong_buffer > config.run.max_new_tokens:
         raise ValueError(f"RLConfig.overlong_buffer={config.rl.overlong_buffer} is longer than the responses "
                          f"(RunConfig.max_new_tokens={config.run.max_new_tokens}); valid: 0 to "
@@ -235,6 +236,22 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         engine_gpu_kwargs=types.MappingProxyType(_engine_gpu_kwargs(arch, precision)),
         **batch,
     )
+
+
+def _check_rejection(config) -> None:
+    """``rejection_mode="remove"`` decides on π_old; an objective whose proximal policy is sg(πθ)
+    ("pg") has π_old only when the trainer recomputes it."""
+    from megatron_rlfp16.losses.registry import POLICY_LOSSES
+
+    loss = config.rl.loss
+    corrected = loss.correction is not None or loss.correction_veto is not None or loss.rejection is not None
+    if (corrected and loss.rejection_mode == "remove" and not config.run.recompute_old_logprobs
+            and POLICY_LOSSES.get(loss.loss).proximal == "current"):
+        raise ValueError(
+            f"PolicyLossConfig.rejection_mode='remove' decides on π_old, which loss={loss.loss!r} has only with "
+            "RunConfig.recompute_old_logprobs=True (it is False: bypass); valid: recompute_old_logprobs=True "
+            "or rejection_mode='zero'"
+        )
 
 
 def _check_routing(config, arch: ModelArch, rollout: RolloutConfig) -> str:
