@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 PRECISION ?= fp16
+ALGO ?= grpo
 
 .PHONY: setup test test-fast demo bench clean gpu-smoke
-DEMO_OUT ?= runs/demo$(if $(filter-out fp16,$(PRECISION)),-$(PRECISION))
+DEMO_OUT ?= runs/demo$(if $(filter-out grpo,$(ALGO)),-$(ALGO))$(if $(filter-out fp16,$(PRECISION)),-$(PRECISION))
 
 setup: $(STAMP)
 
@@ -29,10 +30,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m unit tests $(PYTEST_ARGS)
 
-# The embedded default: tiny model, supervised warm start, then GRPO in FP16 (PRECISION=bf16 to compare)
-# with Megatron TP=2 training and a colocated vLLM-CPU engine, on 2 local ranks.
+# The embedded default: tiny model, supervised warm start, then GRPO in FP16 (PRECISION=bf16 to compare;
+# ALGO=ppo for PPO with a critic) with Megatron TP=2 training and a colocated vLLM-CPU engine, on 2 local ranks.
 demo: $(STAMP)
-	PY=$(PY) examples/grpo_cpu_demo.sh --out $(DEMO_OUT) --precision $(PRECISION) --no-resume
+	PY=$(PY) examples/grpo_cpu_demo.sh --out $(DEMO_OUT) --precision $(PRECISION) --algo $(ALGO) --no-resume
 
 bench: $(STAMP)
 	$(PY) bench/export_bench.py --json runs/bench/export.json

@@ -10,6 +10,8 @@
 3. A short supervised warm start so that sampling gets some answers right.
 4. GRPO (PPO-clip, GRPO advantages, token-TIS correction) with the trainer and the rollout engine
    in the same precision; the weights go into vLLM through the bridge after every step.
+   With ``--algo ppo`` the advantages are GAE's, from a critic (a value head on the same model,
+   trained beside the policy with its own optimizer and loss scale).
    With ``--lora-rank R`` the warm-started model is the frozen base of rank-R adapters, and only the
    adapters train and move into vLLM (docs/lora.md).
 5. ``out/metrics.jsonl``, ``out/summary.json`` and ``out/curves.png``.
@@ -26,8 +28,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rlfp16.cli import (  # noqa: E402
-    add_checkpoint_args, add_lora_args, check_output_dir, lora_config_from_args, non_negative_int, positive_float,
-    positive_int, with_flag,
+    add_checkpoint_args, add_critic_args, add_lora_args, check_output_dir, critic_config_from_args,
+    lora_config_from_args, non_negative_int, positive_float, positive_int, with_flag,
 )
 from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
@@ -57,7 +59,12 @@ def parse_args(argv=None):
                         "forward, r2 the trainer's own pi_old routing in the updates (docs/rollout.md)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="the trainer's state in host memory while the engine samples (default: on with a GPU)")
-    return add_lora_args(add_checkpoint_args(p)).parse_args(argv)
+    p.add_argument("--algo", default="grpo", choices=["grpo", "ppo"],
+                   help="grpo: group-relative advantages; ppo: GAE advantages from a critic trained beside the "
+                        "policy (the --critic-* flags)")
+    p.add_argument("--gamma", type=float, default=1.0, help="GAE discount (--algo ppo)")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda (--algo ppo)")
+    return add_critic_args(add_lora_args(add_checkpoint_args(p))).parse_args(argv)
 
 
 def build_config(args, hf_dir: str):
@@ -77,9 +84,11 @@ def build_config(args, hf_dir: str):
                       micro_batch_size=args.micro_batch_size, updates_per_step=args.updates_per_step, lr=args.lr,
                       seed=args.seed, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints),
         rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
-                    group_size=args.group_size, routing_replay=args.routing_replay),
+                    group_size=args.group_size, routing_replay=args.routing_replay,
+                    advantage_estimator="gae" if args.algo == "ppo" else "grpo", gamma=args.gamma, lam=args.lam),
         precision=PrecisionConfig(trainer=args.precision), allow_changed_settings=args.allow_changed_settings,
         memory=MemoryConfig(offload=args.offload), lora=lora_config_from_args(args),
+        critic=critic_config_from_args(args),
     )
 
 

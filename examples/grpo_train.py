@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rlfp16.megatron.args import add_rl_args, rl_config_from_args  # noqa: E402
 from megatron_rlfp16.cli import (  # noqa: E402
-    add_checkpoint_args, check_output_dir, fraction, lora_config_from_args, non_negative_int, positive_float,
-    positive_int, with_flag,
+    add_checkpoint_args, add_critic_args, check_output_dir, critic_config_from_args, fraction,
+    lora_config_from_args, non_negative_int, positive_float, positive_int, with_flag,
 )
 from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every N steps write a few (prompt, response, reward) rows to samples.jsonl and "
                         "TensorBoard (0: never)")
     add_checkpoint_args(p)
+    add_critic_args(p)
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and build the model on the meta device; no GPU, weights or vLLM")
     return add_rl_args(p)
@@ -117,7 +118,7 @@ def build_config(args: argparse.Namespace):
         memory=MemoryConfig(distributed_optimizer=args.distributed_optimizer, recompute=args.recompute,
                             attention=args.attention, device_memory_gib=args.device_memory_gib,
                             offload=args.offload),
-        allow_changed_settings=args.allow_changed_settings, lora=lora,
+        allow_changed_settings=args.allow_changed_settings, lora=lora, critic=critic_config_from_args(args),
     )
     try:
         return config.validate()

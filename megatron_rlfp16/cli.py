@@ -63,10 +63,10 @@ def with_flag(message: str) -> str:
     map one flag to one field: ``RunConfig.micro_batch_size=5 ...`` becomes
     ``--micro-batch-size: RunConfig.micro_batch_size=5 ...`` (``RolloutConfig.x`` ↔ ``--rollout-x``)."""
     m = re.match(r"(RolloutConfig|RunConfig|TrainerConfig\.parallel|ParallelConfig|PromptConfig|MemoryConfig|"
-                 r"LoraConfig)\.(\w+)[=:]", message)
+                 r"LoraConfig|CriticConfig)\.(\w+)[=:]", message)
     if not m:
         return message
-    prefix = {"RolloutConfig": "--rollout-", "LoraConfig": "--lora-"}.get(m.group(1), "--")
+    prefix = {"RolloutConfig": "--rollout-", "LoraConfig": "--lora-", "CriticConfig": "--critic-"}.get(m.group(1), "--")
     return f"{prefix}{m.group(2).replace('_', '-')}: {message}"
 
 
@@ -128,6 +128,34 @@ def lora_config_from_args(args: argparse.Namespace):
 
     config = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                         target_modules=args.lora_target_modules, sync=args.lora_sync)
+    try:
+        return config.validate()
+    except ValueError as err:
+        raise ValueError(with_flag(str(err))) from None
+
+
+def add_critic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The PPO critic's flags (``megatron.critic.CriticConfig``; used with ``--rl-advantage-estimator
+    gae``); ``critic_config_from_args`` reads them back."""
+    g = parser.add_argument_group(title="PPO critic (megatron-rlfp16)",
+                                  description="the value model trained with --rl-advantage-estimator gae "
+                                              "(docs/losses.md)")
+    g.add_argument("--critic-hf-dir", default=None, metavar="DIR",
+                   help="HF checkpoint the critic starts from (default: the policy's)")
+    g.add_argument("--critic-lr", type=positive_float, default=None, help="critic learning rate (default: --lr)")
+    g.add_argument("--critic-value-clip", type=positive_float, default=0.2, metavar="C",
+                   help="clip of the value loss (default 0.2)")
+    g.add_argument("--critic-warmup-steps", type=non_negative_int, default=0, metavar="N",
+                   help="first N steps train only the critic (default 0)")
+    return parser
+
+
+def critic_config_from_args(args: argparse.Namespace):
+    """The validated ``CriticConfig`` of parsed ``--critic-*`` flags."""
+    from megatron_rlfp16.megatron.critic import CriticConfig
+
+    config = CriticConfig(hf_dir=args.critic_hf_dir, lr=args.critic_lr, value_clip=args.critic_value_clip,
+                          warmup_steps=args.critic_warmup_steps)
     try:
         return config.validate()
     except ValueError as err:

@@ -346,6 +346,35 @@ def check_gspo(row):
     assert ours(data, PolicyLossConfig(loss="gspo"))[0] == pytest.approx(token_mean(per), rel=1e-12)
 
 
+def check_gae(row):
+    """verl's compute_gae_advantage_return on full-length responses, written out; the flags."""
+    argv = ["--rl-advantage-estimator", "gae", "--rl-gamma", "0.99", "--rl-lam", "0.95"]
+    cfg = rl(argv)
+    assert (cfg.advantage_estimator, cfg.gamma, cfg.lam) == ("gae", 0.99, 0.95)
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import grpo_train
+
+    from megatron_rlfp16.cli import critic_config_from_args
+    from megatron_rlfp16.losses.value import gae
+
+    args = grpo_train.build_parser().parse_args(["--hf-dir", "x", *argv, "--critic-value-clip", "0.5"])
+    assert critic_config_from_args(args).value_clip == 0.5
+    g = torch.Generator().manual_seed(13)
+    rewards = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    values = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    want = torch.zeros(3, 5, dtype=torch.float64)
+    for b in range(3):
+        last = 0.0
+        for t in reversed(range(5)):
+            nxt = values[b, t + 1].item() if t < 4 else 0.0
+            delta = rewards[b, t].item() + 0.99 * nxt - values[b, t].item()
+            last = delta + 0.99 * 0.95 * last
+            want[b, t] = last
+    adv, ret = gae(rewards, values, torch.ones(3, 5, dtype=torch.bool), 0.99, 0.95)
+    torch.testing.assert_close(adv, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ret, want + values, rtol=1e-12, atol=1e-12)
+
+
 def check_mask_truncated(row):
     assert rl(["--rl-mask-truncated", "true"]).mask_truncated is True
 
@@ -372,6 +401,7 @@ CHECKS = {
     "slime-routing": check_routing,
     "trl-seq-level": check_gspo,
     "trl-mask-truncated": check_mask_truncated,
+    "verl-gae": check_gae, "slime-ppo": check_gae,
 }
 
 

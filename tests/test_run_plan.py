@@ -12,6 +12,8 @@ import dataclasses
 import math
 import uuid
 
+import pathlib
+
 import pytest
 import torch
 
@@ -219,6 +221,58 @@ def test_plan_resolves_lora(llama_dir, moe_dir):
     with pytest.raises(ValueError, match=r"LoRA rank 600 is above the largest vLLM serves \(512\)"):
         resolve_plan(_config(llama_dir, lora=LoraConfig(rank=600)), world_size=2)
     assert resolve_plan(_config(llama_dir, lora=LoraConfig(rank=600, sync="merged")), world_size=2).lora.rank == 600
+
+
+def test_plan_resolves_the_ppo_critic(llama_dir, moe_dir, tmp_path):
+    from megatron_rlfp16.lora import LoraConfig
+    from megatron_rlfp16.megatron import RLConfig
+    from megatron_rlfp16.megatron.critic import CriticConfig
+    from megatron_rlfp16.plan import resolve_plan
+    from megatron_rlfp16.plan.memory import params_per_rank
+    from megatron_rlfp16.testing.tiny import make_tiny_model
+    from megatron_rlfp16.trainer import RunConfig
+
+    ppo = RLConfig(advantage_estimator="gae", group_size=4, gamma=0.99, lam=0.95)
+    plan = resolve_plan(_config(llama_dir, rl=ppo, run=RunConfig(lr=2e-5)), world_size=2)
+    assert plan.critic.hf_dir == llama_dir and plan.critic.optimizer["lr"] == 2e-5
+    assert (plan.critic.gamma, plan.critic.lam, plan.critic.value_clip) == (0.99, 0.95, 0.2)
+    assert plan.describe()["critic"]["lr"] == 2e-5
+    assert resolve_plan(_config(llama_dir), world_size=2).critic is None
+    # The critic's state: the policy's parameters less the vocabulary head plus one row, at 2 bytes
+    # (FP16 weights) + 4 (FP32 gradients), and 4 (masters) + 8 (Adam) sharded over DP=2 (the
+    # distributed optimizer).
+    arch = plan.arch
+    count = params_per_rank(arch, tp=1, pp=1).total
+    critic = count - arch.padded_vocab_size(1) * arch.hidden_size + arch.hidden_size + 1
+    assert plan.distributed_optimizer and plan.data_parallel == 2
+    assert plan.memory.components["critic_state"] == critic * 6 + int(critic / 2 * 12)
+    assert plan.memory.phases["training"]["critic_state"] == plan.memory.components["critic_state"]
+    other = resolve_plan(_config(llama_dir, rl=ppo, critic=CriticConfig(lr=1e-4, value_clip=None)), world_size=2)
+    assert other.critic.optimizer["lr"] == 1e-4 and other.critic.value_clip is None
+    with pytest.raises(ValueError, match=r"advantage_estimator='gae' \(PPO with a critic\) with LoRA is not supported"):
+        resolve_plan(_config(llama_dir, rl=ppo, lora=LoraConfig(rank=8)), world_size=2)
+    wider = make_tiny_model("llama", str(tmp_path / "wider"), vocab_size=320)
+    with pytest.raises(ValueError, match=r"CriticConfig.hf_dir=.* has vocab_size=320, the policy .* 300"):
+        resolve_plan(_config(llama_dir, rl=ppo, critic=CriticConfig(hf_dir=wider)), world_size=2)
+    with pytest.raises(ValueError, match=r"CriticConfig.warmup_steps=-1 is invalid"):
+        _config(llama_dir, critic=CriticConfig(warmup_steps=-1)).validate()
+    with pytest.raises(ValueError, match=r"RLConfig.gamma=1.5 is invalid; valid: a number in \[0, 1\]"):
+        RLConfig(gamma=1.5).validate()
+
+
+def test_critic_flags_reach_the_config(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+    import grpo_train
+
+    args = grpo_train.build_parser().parse_args([
+        "--hf-dir", str(tmp_path), "--rl-advantage-estimator", "gae", "--rl-lam", "0.9", "--critic-lr", "3e-5",
+        "--critic-value-clip", "0.5", "--critic-warmup-steps", "2", "--critic-hf-dir", "other"])
+    config = grpo_train.build_config(args)
+    assert (config.rl.advantage_estimator, config.rl.lam) == ("gae", 0.9)
+    assert (config.critic.hf_dir, config.critic.lr, config.critic.value_clip, config.critic.warmup_steps) == (
+        "other", 3e-5, 0.5, 2)
 
 
 def test_lora_flags_reach_the_config(tmp_path):

@@ -107,6 +107,7 @@ def save_megatron_checkpoint(
     extra_files: Optional[Dict[str, str]] = None,
     keep_previous_as: Optional[str] = None,
     lora_base: Optional[str] = None,
+    extra_models: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Collective: saves ``model`` (plus ``extra_state``, a sharded-state-dict fragment such as the
     optimizer's) to ``ckpt_dir`` atomically. Tokenizer/generation files found in ``copy_files_from``
@@ -114,7 +115,9 @@ def save_megatron_checkpoint(
     by rank 0) go into the same atomic rename, e.g. a trainer's step and data position.
     ``keep_previous_as`` (a path) keeps the checkpoint being replaced there instead of deleting it.
     A model with LoRA adapters saves only them; ``lora_base`` is the HF checkpoint they adapt
-    (recorded, so that a resume or an export finds it)."""
+    (recorded, so that a resume or an export finds it). ``extra_models`` (name -> ``(model,
+    extra_state)``, e.g. PPO's critic) are saved as checkpoints of their own in ``ckpt_dir/<name>``,
+    inside the same atomic write; load each with ``load_megatron_checkpoint(model, ckpt_dir/<name>)``."""
     from megatron.core import dist_checkpointing
 
     from megatron_rlfp16.bridge.context import unwrap
@@ -143,6 +146,21 @@ def save_megatron_checkpoint(
         _start_writer_results_queue()
         dist_checkpointing.save(sharded, tmp)
         _barrier()
+        for name, (other, other_state) in (extra_models or {}).items():
+            sub = os.path.join(tmp, name)
+            if _is_rank0():
+                os.makedirs(sub)
+            _barrier()
+            other_bare = unwrap(other)
+            dist_checkpointing.save(dict({"model": model_sharded_state_dict(other_bare)}, **(other_state or {})), sub)
+            _barrier()
+            if _is_rank0():
+                from megatron_rlfp16.precision.dtypes import dtype_name
+
+                with open(os.path.join(sub, META_NAME), "w", encoding="utf-8") as f:
+                    # Not an HF model (e.g. a critic's value head): no hf_config to export with.
+                    json.dump(dict(format_version=FORMAT_VERSION, hf_config=None,
+                                   dtype=dtype_name(next(other_bare.parameters()).dtype), model=name), f, indent=2)
         if _is_rank0():
             from megatron_rlfp16.precision.dtypes import dtype_name
 

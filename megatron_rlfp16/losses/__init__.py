@@ -11,6 +11,7 @@ tested and reused on its own; the trainer hands it ``[B, T]`` tensors plus the g
 - ``kl.py``           k1 / k2 / k3 KL estimators
 - ``aggregation.py``  per-token losses -> scalar, with explicit global denominators
 - ``advantages.py``   group-relative advantages: grpo, drgrpo, rloo
+- ``value.py``        PPO with a critic: token rewards, GAE, whitening, the clipped value loss
 - ``config.py``       ``PolicyLossConfig``
 - ``loss.py``         ``policy_loss``, which composes the above
 - ``registry.py``     name tables and the ``register_*`` decorators for extensions
@@ -19,7 +20,7 @@ See docs/losses.md for the formulas, papers and recipe configs.
 """
 # Importing the modules that hold the built-ins registers them; order matters only in that the
 # registries must be filled before a PolicyLossConfig is validated.
-from megatron_rlfp16.losses import aggregation, correction, kl, policy  # noqa: F401
+from megatron_rlfp16.losses import aggregation, correction, kl, policy, value  # noqa: F401
 from megatron_rlfp16.losses.advantages import compute_advantages
 from megatron_rlfp16.losses.config import PolicyLossConfig
 from megatron_rlfp16.losses.loss import policy_loss

@@ -8,6 +8,8 @@ Importing this package imports no Megatron (every Megatron import is inside a fu
 - ``loss_func.py``  ``global_counts``, ``logprobs_head``, ``rl_loss_func``, ``make_forward_step``
 - ``train.py``      ``wrap_ddp``, ``train_step``: one step's forward + backward over micro-batches
 - ``recompute.py``  ``compute_logprobs``: forward-only log-probs on every rank
+- ``critic.py``     PPO's critic: ``make_critic`` (a value head on a ``GPTModel``), ``compute_values``,
+                    ``critic_train_step``, ``CriticConfig``
 """
 from megatron_rlfp16.megatron.args import (
     GROUP_TITLE,

@@ -36,7 +36,12 @@ class RLConfig:
     loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
     """The policy loss."""
     advantage_estimator: str = "grpo"
-    """Group-relative advantage estimator: "grpo", "drgrpo", "rloo" or a registered name."""
+    """Group-relative advantage estimator: "grpo", "drgrpo", "rloo" or a registered name; "gae"
+    is PPO: per-token advantages from a critic the trainer trains (``TrainerConfig.critic``)."""
+    gamma: float = 1.0
+    """GAE's discount γ ("gae" only)."""
+    lam: float = 1.0
+    """GAE's λ ("gae" only)."""
     group_size: int = 8
     """Responses sampled per prompt (the group the advantage baseline is taken over)."""
     temperature: float = 1.0
@@ -68,6 +73,10 @@ class RLConfig:
                 f"RLConfig.advantage_estimator={self.advantage_estimator!r} is invalid; valid: "
                 f"{ADVANTAGE_ESTIMATORS.names()}"
             )
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
+                raise ValueError(f"RLConfig.{name}={value!r} is invalid; valid: a number in [0, 1]")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"RLConfig.group_size={self.group_size!r} is invalid; valid: an int >= 1")
         from megatron_rlfp16.routing import check_replay_mode
@@ -165,6 +174,8 @@ _LOSS_FLAGS = {
 _RL_FLAGS = {
     "advantage_estimator": "--rl-advantage-estimator",
     "group_size": "--rl-group-size",
+    "gamma": "--rl-gamma",
+    "lam": "--rl-lam",
     "temperature": "--rl-temperature",
     "routing_replay": "--rl-routing-replay",
     "overlong_buffer": "--rl-overlong-buffer",
@@ -224,9 +235,12 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rl-kl-coef", "kl_coef", "weight of the KL penalty to the reference policy", type=float)
     add("--rl-kl-estimator", "kl_estimator", "per-token KL estimator", choices=KL_ESTIMATORS.names())
     add("--rl-entropy-coef", "entropy_coef", "weight of the entropy bonus", type=float)
-    add("--rl-advantage-estimator", "advantage_estimator", "group-relative advantage estimator",
+    add("--rl-advantage-estimator", "advantage_estimator", "advantage estimator: group-relative (grpo, "
+        "drgrpo, rloo) or gae (PPO: the trainer trains a critic)",
         choices=ADVANTAGE_ESTIMATORS.names())
     add("--rl-group-size", "group_size", "responses sampled per prompt", type=positive_int)
+    add("--rl-gamma", "gamma", "GAE discount (advantage estimator gae)", type=float)
+    add("--rl-lam", "lam", "GAE lambda (advantage estimator gae)", type=float)
     add("--rl-temperature", "temperature", "sampling temperature; log-probs are scored at the same T",
         type=float)
     add("--rl-routing-replay", "routing_replay", "MoE routing replay: none, r2 (updates replay the "

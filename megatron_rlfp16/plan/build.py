@@ -3,7 +3,7 @@
 runtime → model (built in the trainer's precision) → weights → FP32 islands → LoRA adapters (a LoRA
 run: the base frozen) → DDP (the trainable parameters only) → optimizer
 (one grad scaler shared by its sub-optimizers) → optimizer step (sets the schedule's loss-scale
-hook) → rollout engine. Each stage is also a function of its own, for tools that need only some
+hook) → PPO's critic (its own model, optimizer and loss scale) → rollout engine. Each stage is also a function of its own, for tools that need only some
 (the mismatch tool builds the model and the engine, no optimizer).
 """
 from __future__ import annotations
@@ -23,6 +23,11 @@ class RunObjects:
     """``precision.OptimizerStep`` around ``optimizer``."""
     engine: Any
     """``rollout.RolloutEngine`` (None when built without one)."""
+    critic: Any = None
+    """PPO's value model in Megatron DDP (``megatron.critic``), or None."""
+    critic_optimizer: Any = None
+    critic_stepper: Any = None
+    """``precision.OptimizerStep`` of the critic: its own loss scale."""
 
 
 def init_runtime(plan: RunPlan, *, seed: int = 0):
@@ -81,6 +86,25 @@ def build_optimizer(ddp_model, plan: RunPlan):
     return optimizer, OptimizerStep(optimizer, plan.precision, model=ddp_model)
 
 
+def build_critic(plan: RunPlan):
+    """``(critic, optimizer, stepper)``: PPO's value model from ``plan.critic.hf_dir`` in the trainer's
+    precision (FP32 islands, then the value head), in DDP, with an optimizer and a loss scaler of its
+    own. Needs the runtime."""
+    from megatron_rlfp16.bridge import load_hf_checkpoint
+    from megatron_rlfp16.megatron.critic import make_critic
+    from megatron_rlfp16.models import build_model as _build
+    from megatron_rlfp16.precision import OptimizerStep
+
+    arch = plan.critic.arch
+    model, _ = _build(arch, params_dtype=plan.trainer_dtype, config_overrides=dict(plan.transformer_overrides))
+    load_hf_checkpoint(model, arch, plan.critic.hf_dir)
+    plan.precision.prepare_model(model)
+    make_critic(model)
+    ddp = wrap_model(model, plan)
+    optimizer = plan.precision.build_optimizer([ddp], **plan.critic.optimizer)
+    return ddp, optimizer, OptimizerStep(optimizer, plan.precision, model=ddp)
+
+
 def build_engine(plan: RunPlan):
     import torch
 
@@ -106,9 +130,11 @@ def build_run(plan: RunPlan, *, seed: int = 0, model=None, engine: bool = True) 
 
         routing.install(ddp)  # replay hooks on the routers (agreement is measured with routes)
     optimizer, stepper = build_optimizer(ddp, plan)
+    critic = build_critic(plan) if plan.critic else (None, None, None)
     return RunObjects(model=ddp, optimizer=optimizer, stepper=stepper,
-                      engine=build_engine(plan) if engine else None)
+                      engine=build_engine(plan) if engine else None,
+                      critic=critic[0], critic_optimizer=critic[1], critic_stepper=critic[2])
 
 
 
-__all__ = ["RunObjects", "add_adapters", "build_engine", "build_model", "build_optimizer", "build_run", "init_runtime", "wrap_model"]
+__all__ = ["RunObjects", "add_adapters", "build_critic", "build_engine", "build_model", "build_optimizer", "build_run", "init_runtime", "wrap_model"]

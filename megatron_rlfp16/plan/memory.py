@@ -254,6 +254,20 @@ class MemoryPlan:
             )
 
 
+def _critic_state_bytes(arch, *, tp, pp, ep, etp, stage, dtype_bytes, fp32_grads, shard_dense, shard_expert) -> int:
+    count = params_per_rank(arch, tp=tp, pp=pp, ep=ep, etp=etp, stage=stage)
+    dense = count.dense
+    if stage == pp - 1:  # the vocabulary head (or its tied copy) becomes one row of values
+        dense += arch.hidden_size + 1
+        if not arch.tie_embeddings or pp > 1:
+            dense -= arch.padded_vocab_size(tp) // tp * arch.hidden_size
+    total = dense + count.expert
+    master = FP32_BYTES if dtype_bytes < FP32_BYTES else 0
+    sharded = dense / shard_dense + count.expert / shard_expert
+    return int(total * (dtype_bytes + (FP32_BYTES if fp32_grads else dtype_bytes))
+               + sharded * (master + ADAM_MOMENTS * FP32_BYTES))
+
+
 def _size(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
@@ -264,7 +278,7 @@ def _fixes(largest: str, phase: str, settings: Mapping[str, object]) -> str:
         hints.append("offloading the trainer's state to host memory during rollout (--offload)")
     if largest in ("optimizer_state", "master_weights") and not settings.get("distributed_optimizer"):
         hints.append("the distributed optimizer (shards it over data parallelism; needs dp > 1)")
-    if largest in ("optimizer_state", "master_weights", "gradients", "weights"):
+    if largest in ("optimizer_state", "master_weights", "gradients", "weights", "critic_state"):
         hints.append("more tensor/pipeline/expert parallelism (--tp, --pp, --ep)")
     if largest == "activations":
         if settings.get("attention") == "unfused":
@@ -284,11 +298,13 @@ def plan_memory(arch, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[in
                 recompute: str = "none", attention: str = "unfused", engine_fraction: float = 0.0,
                 rollout_tp: int = 1, rollout_dtype_bytes: int = 2, device_bytes: Optional[int] = None,
                 offload: bool = False, bucket_bytes: int = 256 << 20, lora_rank: int = 0,
-                lora_targets: Tuple[str, ...] = ()) -> MemoryPlan:
+                lora_targets: Tuple[str, ...] = (), critic_arch=None) -> MemoryPlan:
     """The :class:`MemoryPlan` of a layout; every argument is a run-plan field (``resolve_plan``
     makes the one of a run: ``RunPlan.memory``). With ``lora_rank`` only the adapters
     (``lora_params_per_rank``) have gradients, master weights and optimizer state; the frozen base
-    weights stay in the trainer's dtype."""
+    weights stay in the trainer's dtype. ``critic_arch`` (PPO) adds the critic's weights, gradients,
+    master weights and Adam state as ``critic_state`` (its vocabulary head replaced by one row);
+    it trains after the policy, so the activations are the larger of the two, the policy's."""
     inputs = {k: v for k, v in locals().items()}
     etp = etp or tp
     world = world_size or tp * pp * dp
@@ -320,11 +336,17 @@ def plan_memory(arch, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[in
         )
         if worst is None or sum(comp.values()) > sum(worst.values()):
             worst = comp
+    if critic_arch is not None:
+        worst["critic_state"] = max(
+            _critic_state_bytes(critic_arch, tp=tp, pp=pp, ep=ep, etp=etp, stage=stage, dtype_bytes=dtype_bytes,
+                                fp32_grads=fp32_grads, shard_dense=dp if distributed_optimizer else 1,
+                                shard_expert=expert_dp if distributed_optimizer else 1)
+            for stage in sorted({0, pp - 1}))
     total_params = params_per_rank(arch, tp=1, pp=1).total
     engine_weights = total_params * rollout_dtype_bytes // rollout_tp
     engine = int(engine_fraction * device_bytes) if device_bytes else 0
     comp = dict(worst, engine=engine, engine_weights=engine_weights)
-    state = {k: comp[k] for k in TRAINER_STATE}
+    state = {k: comp[k] for k in TRAINER_STATE + ("critic_state",) if k in comp}
     phases = {
         "rollout": dict(engine=engine) if offload else dict(state, engine=engine),
         "training": dict(state, activations=comp["activations"]),

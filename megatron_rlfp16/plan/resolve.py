@@ -18,6 +18,20 @@ from megatron_rlfp16.precision import Precision, PrecisionConfig
 from megatron_rlfp16.rollout.engine import LORA_FAMILIES, RolloutConfig, engine_lora_rank
 from megatron_rlfp16.runtime import ParallelConfig
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CriticPlan:
+    """PPO's value model, resolved (``TrainerConfig.critic`` with ``rl.advantage_estimator="gae"``)."""
+
+    hf_dir: str
+    arch: ModelArch
+    optimizer: Mapping[str, Any]
+    """``OptimizerConfig`` fields besides precision: the policy's with the critic's lr."""
+    value_clip: Optional[float]
+    warmup_steps: int
+    gamma: float
+    lam: float
+
+
 PROMPT_ROOM = 256
 """Tokens the engine keeps for the prompt when ``RolloutConfig.max_model_len`` is not given."""
 
@@ -79,6 +93,8 @@ class RunPlan:
     """vLLM engine arguments added on a GPU only: for FP16 MoE rollouts ``moe_backend="triton"``,
     which keeps vLLM off FlashInfer's MoE kernels (its first choice for unquantized MoE on most
     GPUs; reported to corrupt FP16 outputs, docs/fp16.md). On CPU vLLM's own CPU MoE kernel runs."""
+    critic: Optional[CriticPlan] = None
+    """PPO's value model (``rl.advantage_estimator="gae"``), else None."""
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     """The adapters (``rank`` 0: full fine-tuning), with ``sync`` resolved: "adapter" (only the
     adapters go to the engine, which serves them as a LoRA) where vLLM serves LoRA for the family,
@@ -104,6 +120,9 @@ class RunPlan:
             offload=self.offload, memory=self.memory.describe(),
             routing=dict(replay=self.routing_replay, engine_routes=bool(self.rollout.return_routes)),
             engine_gpu_kwargs=dict(self.engine_gpu_kwargs),
+            critic=dict(hf_dir=self.critic.hf_dir, lr=self.critic.optimizer["lr"], value_clip=self.critic.value_clip,
+                        warmup_steps=self.critic.warmup_steps, gamma=self.critic.gamma, lam=self.critic.lam)
+            if self.critic else None,
             lora=dict(rank=self.lora.rank, alpha=self.lora.resolved_alpha, dropout=self.lora.dropout,
                       target_modules=list(self.lora.target_modules), sync=self.lora.sync,
                       engine_max_lora_rank=self.rollout.max_lora_rank) if self.lora.enabled else None,
@@ -187,6 +206,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         # adapters are written after a step, and a level-2 sleep would discard the base.
         rollout = dataclasses.replace(rollout, max_lora_rank=_engine_lora_limit(lora, rollout), sleep_level=1)
     _check_rejection(config)
+    critic = _resolve_critic(config, arch, parallel)
     if config.rl.overlong_buffer > config.run.max_new_tokens:
         raise ValueError(f"RLConfig.overlong_buffer={config.rl.overlong_buffer} is longer than the responses "
                          f"(RunConfig.max_new_tokens={config.run.max_new_tokens}); valid: 0 to "
@@ -214,6 +234,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         device_bytes=device_memory_bytes(memory_config), bucket_bytes=config.run.sync_bucket_mb << 20,
         offload=resolved_offload(memory_config),
         lora_rank=lora.rank, lora_targets=tuple(lora.target_modules) if lora.enabled else (),
+        critic_arch=critic.arch if critic else None,
     )
     memory.check()  # before anything is allocated
     overrides = dict(precision.transformer_overrides(), **memory_config.recompute_overrides())
@@ -233,9 +254,31 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         distributed_optimizer=distributed, recompute=memory_config.recompute, attention=attention,
         offload=resolved_offload(memory_config), memory=memory,
         routing_replay=routing_replay, lora=lora,
+        critic=dataclasses.replace(critic, optimizer=types.MappingProxyType(dict(optimizer, lr=critic.optimizer["lr"])))
+        if critic else None,
         engine_gpu_kwargs=types.MappingProxyType(_engine_gpu_kwargs(arch, precision)),
         **batch,
     )
+
+
+def _resolve_critic(config, arch: ModelArch, parallel: ParallelConfig) -> Optional[CriticPlan]:
+    """PPO's critic when the estimator is "gae": its checkpoint must share the policy's vocabulary
+    (it reads the same token ids) and fit the layout."""
+    if config.rl.advantage_estimator != "gae":
+        return None
+    critic = config.critic
+    if config.lora.enabled:
+        raise ValueError("RLConfig.advantage_estimator='gae' (PPO with a critic) with LoRA is not supported yet; "
+                         "valid: LoraConfig.rank=0, or a group estimator (grpo, drgrpo, rloo)")
+    hf_dir = critic.hf_dir or config.hf_dir
+    critic_arch = arch if hf_dir == config.hf_dir else parse_hf_config(read_config_json(hf_dir))
+    if critic_arch.vocab_size != arch.vocab_size:
+        raise ValueError(f"CriticConfig.hf_dir={hf_dir!r} has vocab_size={critic_arch.vocab_size}, the policy "
+                         f"{config.hf_dir!r} {arch.vocab_size}; valid: a checkpoint with the policy's tokenizer")
+    check_layout(critic_arch, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep)
+    return CriticPlan(hf_dir=hf_dir, arch=critic_arch, optimizer={"lr": critic.lr or config.run.lr},
+                      value_clip=critic.value_clip, warmup_steps=critic.warmup_steps,
+                      gamma=config.rl.gamma, lam=config.rl.lam)
 
 
 def _check_rejection(config) -> None:

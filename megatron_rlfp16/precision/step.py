@@ -56,6 +56,23 @@ class NonFiniteGradientError(RuntimeError):
     """Without a grad scaler, an update was applied with a non-finite gradient norm."""
 
 
+def _zero_adam_state(adam) -> None:
+    """The state torch's Adam creates for each parameter at its first step: ``step`` 0 and zero
+    moments (``torch.optim.adam._init_group``); the next ``step()`` then does what it would have
+    done without it."""
+    for group in adam.param_groups:
+        on_device = group.get("capturable") or group.get("fused")
+        for p in group["params"]:
+            if adam.state.get(p):
+                continue
+            state = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            adam.state[p] = state
+
+
 def _sub_optimizers(optimizer) -> list:
     from megatron_rlfp16.precision.scaler import sub_optimizers
 
@@ -216,8 +233,7 @@ class OptimizerStep:
 
         if sharding_type not in _SHARDING_TYPES:
             raise ValueError(f"checkpoint_state: sharding_type={sharding_type!r}; valid: {_SHARDING_TYPES}")
-        if is_loading:
-            self._allocate_optimizer_state()
+        self._allocate_optimizer_state(is_loading=is_loading)
         from megatron_rlfp16.checkpoint.megatron_ckpt import model_sharded_state_dict
 
         model_state = model_sharded_state_dict(unwrap(model))
@@ -229,18 +245,25 @@ class OptimizerStep:
             "precision_step": self.state_dict(),
         }
 
-    def _allocate_optimizer_state(self) -> None:
-        # A DistributedOptimizer that has not stepped yet holds no Adam state, and with torch's
-        # Adam (no TransformerEngine/Apex, e.g. on CPU) its state_dict() then asserts. Megatron's
-        # own loaders (the FSDP path) first run one zero-gradient step to allocate the state; the
-        # load overwrites all of it (moments, step, FP32 main weights), and the model weights are
-        # not touched because main weights are only copied to them after a real step.
+    def _allocate_optimizer_state(self, *, is_loading: bool) -> None:
+        # An optimizer that has not stepped yet (the first steps all skipped for overflow, or a
+        # critic's warm-up of a policy) holds no Adam state, and a DistributedOptimizer with torch's
+        # Adam (no TransformerEngine/Apex, e.g. on CPU) then asserts in state_dict(). torch's Adam
+        # gets exactly the state it would create at its first step (step 0, zero moments), so the
+        # next step is the same as without it, and a save can be made at any point. Other inner
+        # optimizers get Megatron's own allocation for a load (one zero-gradient step; the load
+        # overwrites all of it, and the model weights see main weights only after a real step).
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
         from megatron_rlfp16.compat.megatron import init_optimizer_state_with_dummy_values
 
         for sub in _sub_optimizers(self.optimizer):
-            if isinstance(sub, DistributedOptimizer) and not sub.optimizer.state:
+            inner = getattr(sub, "optimizer", None)
+            if inner is None or inner.state:
+                continue
+            if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+                _zero_adam_state(inner)
+            elif is_loading and isinstance(sub, DistributedOptimizer):
                 init_optimizer_state_with_dummy_values(sub)
 
     def load_checkpoint_state(self, loaded: Dict[str, Any]) -> None:

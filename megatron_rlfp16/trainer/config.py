@@ -9,6 +9,7 @@ RL objective           ``megatron.args.RLConfig`` (loss, estimator, group, T)   
 precision              ``precision.PrecisionConfig``                             ``precision``
 memory layout          ``plan.memory.MemoryConfig`` (distributed optimizer, ...)  ``memory``
 LoRA adapters          ``lora.LoraConfig`` (rank, alpha, targets, sync)           ``lora``
+PPO's value model      ``megatron.critic.CriticConfig`` (hf_dir, lr, value clip)  ``critic``
 loop sizes, schedule   ``RunConfig`` (below)                                     ``run``
 =====================  ======================================================  ===================
 
@@ -28,6 +29,7 @@ from megatron_rlfp16.deprecation import warn_renamed
 from megatron_rlfp16.lora.config import LoraConfig
 from megatron_rlfp16.losses import PolicyLossConfig
 from megatron_rlfp16.megatron.args import RLConfig
+from megatron_rlfp16.megatron.critic import CriticConfig
 from megatron_rlfp16.plan.memory import MemoryConfig
 from megatron_rlfp16.precision import PrecisionConfig
 from megatron_rlfp16.rollout.engine import RolloutConfig
@@ -153,6 +155,8 @@ class TrainerConfig:
     """Distributed optimizer, activation recompute, attention kernel, device memory (the memory plan)."""
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     """Low-rank adapters instead of full fine-tuning (``rank`` 0, the default: full fine-tuning)."""
+    critic: CriticConfig = dataclasses.field(default_factory=CriticConfig)
+    """The value model PPO trains (``rl.advantage_estimator="gae"``); unused otherwise."""
     resume: bool = True
     """Continue from ``out_dir/checkpoint`` when it exists."""
     tensorboard: bool = True
@@ -178,6 +182,7 @@ class TrainerConfig:
         self.rollout.validate()
         self.memory.validate()
         self.lora.validate()
+        self.critic.validate()
         for name in ("tp", "pp", "ep"):
             value = getattr(self.parallel, name)
             if not _int_at_least(value, 1):

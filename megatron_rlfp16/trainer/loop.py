@@ -28,6 +28,8 @@ from megatron_rlfp16.trainer.metrics import MetricsLogger
 from megatron_rlfp16.trainer.sources import PromptSource
 
 RL_STATE = "rl_state.json"
+CRITIC_DIR = "critic"
+"""Under a checkpoint: PPO's critic (model, optimizer, loss scale), written with the policy."""
 ADAPTER_SYNC_DIR = "adapter_sync"
 """Under ``out_dir``: the PEFT directories of the adapter-only sync (the last two versions kept)."""
 MAX_PROMPT_DRAWS = 8
@@ -53,12 +55,16 @@ class Trainer:
         objects = build_run(self.plan, seed=config.run.seed, model=model)
         self.model, self.optimizer, self.stepper, self.engine = (
             objects.model, objects.optimizer, objects.stepper, objects.engine)
+        # PPO (``rl.advantage_estimator="gae"``): the value model, its optimizer and loss scale.
+        self.critic, self.critic_optimizer, self.critic_stepper = (
+            objects.critic, objects.critic_optimizer, objects.critic_stepper)
         self.rank = dist.get_rank()
         self.offloader = None
         if self.plan.offload:  # the trainer's state leaves the device while the engine samples
             from megatron_rlfp16.runtime.offload import TrainerOffload
 
-            self.offloader = TrainerOffload(self.model, self.optimizer)
+            self.offloader = _Offloads([TrainerOffload(self.model, self.optimizer)] + (
+                [TrainerOffload(self.critic, self.critic_optimizer)] if self.critic is not None else []))
         self.step = 0
         self._step_metrics: Dict[str, float] = {}
         self._base_in_engine = False  # adapter-only sync: the base goes in with the first sync
@@ -101,9 +107,14 @@ class Trainer:
         micro, tensors = self.micro_batches(batch, advantages)
         mismatch = self.old_logprobs(micro, tensors)
         timer.mark("logprobs")
+        if self.critic is not None:  # PPO: the critic's values, then GAE's token advantages
+            self._step_metrics.update(self.critic_advantages(micro))
+            timer.mark("values")
         metrics = self.update(micro)
         timer.mark("train")
-        moved = self.sync_weights()
+        warming = self.critic is not None and self.step < self.plan.critic.warmup_steps
+        # The critic's warm-up leaves the policy, so the engine has the weights already.
+        moved = self.sync_weights() if not warming else dict(bytes=0, seconds=0.0)
         timer.mark("weight_sync")
         self.step += 1
         metrics.update(
@@ -226,6 +237,10 @@ class Trainer:
         shaped = rewards
         if rl.overlong_buffer:  # the task reward is what is reported; the advantages see the penalty
             shaped = rewards + self._penalty(batch).to(rewards.dtype)
+        if rl.advantage_estimator == "gae":
+            # PPO: the (shaped) outcome reward of each sample; ``critic_advantages`` turns it into
+            # GAE's token advantages once the critic has valued the batch.
+            return rewards, shaped
         advantages = compute_advantages(shaped, self.plan.group_size, estimator=rl.advantage_estimator)
         return rewards, advantages
 
@@ -297,8 +312,44 @@ class Trainer:
                 m["old_logprobs"] = old[k * size:(k + 1) * size]
         return metrics
 
+    def critic_advantages(self, micro) -> Dict[str, float]:
+        """PPO: the critic values this rank's micro-batches (V_old), GAE turns the outcome rewards
+        (in ``advantages``, one per sample) into token advantages and returns, and the advantages
+        are whitened over the whole batch (all data-parallel ranks). Writes ``advantages``,
+        ``old_values`` and ``returns`` into the micro-batches; returns the step's critic metrics."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_rlfp16.losses.value import gae, moments, token_rewards, whiten
+        from megatron_rlfp16.megatron.critic import compute_values
+
+        critic = self.plan.critic
+        values = compute_values(self.critic, [{"input_ids": m["input_ids"]} for m in micro])
+        size = self.plan.micro_batch_size
+        sums = torch.zeros(4, dtype=torch.float64)
+        raw = []
+        for k, m in enumerate(micro):
+            mask = m["loss_mask"] != 0
+            v = values[k * size:(k + 1) * size].cpu()
+            adv, ret = gae(token_rewards(m["advantages"], mask), v, mask, critic.gamma, critic.lam)
+            m["old_values"], m["returns"] = v, ret
+            raw.append(adv)
+            sums[:3] += moments(adv, mask)
+            sums[3] += (torch.where(mask, v.double(), 0.0)).sum()
+        group = ps.get_data_parallel_group()
+        if dist.get_world_size(group) > 1:
+            from megatron_rlfp16.runtime import device
+
+            moved = sums.to(device())
+            dist.all_reduce(moved, group=group)
+            sums = moved.cpu()
+        for m, adv in zip(micro, raw):
+            m["advantages"] = whiten(adv, m["loss_mask"], sums=sums[:3])
+        tokens = max(float(sums[2]), 1.0)
+        return {"critic/values_mean": float(sums[3]) / tokens, "critic/advantages_mean": float(sums[0]) / tokens}
+
     def update(self, micro) -> Dict[str, float]:
-        """The policy updates: one optimizer step per mini-batch; metrics averaged over them."""
+        """The policy updates: one optimizer step per mini-batch; metrics averaged over them. With a
+        critic (PPO) the critic takes one step per mini-batch too, and during its warm-up only it."""
         from megatron_rlfp16.megatron.train import train_step
 
         per = self.plan.micro_batches_per_update
@@ -307,19 +358,33 @@ class Trainer:
         from megatron_rlfp16.megatron import routing
 
         hub = routing.replay_of(self.model) if self.plan.routing_replay != "none" else None
+        policy = self.critic is None or self.step >= self.plan.critic.warmup_steps
         for group in groups:
-            if hub is not None:
-                hub.phase(replay=True)
-            try:
-                out = train_step(self.model, group, self.config.rl.loss, vocab_size=self.arch.vocab_size,
-                                 temperature=self.plan.temperature)
-            finally:
+            out: Dict[str, float] = {}
+            if policy:
                 if hub is not None:
-                    hub.finish()
-            step_out = self.stepper.step()
-            for k, v in {**out, **step_out}.items():
+                    hub.phase(replay=True)
+                try:
+                    out = train_step(self.model, group, self.config.rl.loss, vocab_size=self.arch.vocab_size,
+                                     temperature=self.plan.temperature)
+                finally:
+                    if hub is not None:
+                        hub.finish()
+                out.update(self.stepper.step())
+            if self.critic is not None:
+                out.update(self._critic_update(group))
+            for k, v in out.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(groups)
+        if not policy:
+            metrics["critic/warmup"] = 1.0
         return metrics
+
+    def _critic_update(self, group) -> Dict[str, float]:
+        from megatron_rlfp16.megatron.critic import critic_train_step
+
+        out = critic_train_step(self.critic, group, clip=self.plan.critic.value_clip)
+        step = self.critic_stepper.step()
+        return {f"critic/{k}": v for k, v in {**out, **step}.items()}
 
     def _dp_slice(self, n: int) -> slice:
         from megatron.core import parallel_state as ps
@@ -419,10 +484,14 @@ class Trainer:
                      torch_rng=torch.get_rng_state().tolist())
         keep = self.config.run.keep_checkpoints
         previous = self._previous_checkpoint_name() if keep > 1 and self.rank == 0 else None
+        extra_models = None
+        if self.critic is not None:  # saved in the same atomic write, under checkpoint/critic
+            extra_models = {CRITIC_DIR: (self.critic, self.critic_stepper.checkpoint_state(self.critic))}
         save_megatron_checkpoint(self.model, self.ckpt_dir, hf_config=self.hf_config, overwrite=True,
                                  extra_state=self.stepper.checkpoint_state(self.model),
                                  extra_files={RL_STATE: json.dumps(state, default=_jsonable)},
-                                 keep_previous_as=previous, lora_base=self.config.hf_dir)
+                                 keep_previous_as=previous, lora_base=self.config.hf_dir,
+                                 extra_models=extra_models)
         if self.rank == 0:
             for stale in kept_checkpoints(self.ckpt_dir)[:-(keep - 1) or None]:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -462,6 +531,16 @@ class Trainer:
             loaded = load_megatron_checkpoint(self.model, self.ckpt_dir,
                                               extra_state=self.stepper.checkpoint_state(self.model, is_loading=True))
             self.stepper.load_checkpoint_state(loaded)
+        if self.critic is not None:
+            critic_dir = os.path.join(self.ckpt_dir, CRITIC_DIR)
+            if not os.path.isdir(critic_dir):  # only with allow_changed_settings (the settings differ)
+                self._changes["critic"] = "new (the checkpoint has none)"
+            elif "precision.trainer" in changes:
+                load_megatron_checkpoint(self.critic, critic_dir)
+            else:
+                loaded = load_megatron_checkpoint(
+                    self.critic, critic_dir, extra_state=self.critic_stepper.checkpoint_state(self.critic, is_loading=True))
+                self.critic_stepper.load_checkpoint_state(loaded)
         self.step = int(state["step"])
         self.source.load_state_dict(state["source"])
         random.setstate(_tuplify(state["python_rng"]))
@@ -524,6 +603,7 @@ def resume_settings(plan) -> Dict[str, object]:
         "loss": loss.loss,
         "layout": f"tp={p.tp} pp={p.pp} ep={p.ep}" + (f" etp={p.etp}" if p.etp != p.tp else ""),
         "routing_replay": plan.routing_replay,
+        "critic": f"from {plan.critic.hf_dir}" if plan.critic else "none",
         "lora": (f"rank={plan.lora.rank} alpha={plan.lora.resolved_alpha:g} "
                  f"targets={','.join(plan.lora.target_modules)}") if plan.lora.enabled else "off",
     }
@@ -533,6 +613,20 @@ def changed_settings(saved: Dict[str, object], current: Dict[str, object]) -> Di
     """``{setting: (saved, current)}`` for every setting a checkpoint recorded that differs now (a
     checkpoint from before settings were recorded has none to compare)."""
     return {k: (saved[k], current.get(k)) for k in saved if saved[k] != current.get(k)}
+
+
+class _Offloads:
+    """Several ``TrainerOffload``s (the policy's, the critic's) as one."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def offload(self) -> int:
+        return sum(part.offload() for part in self.parts)
+
+    def reload(self) -> None:
+        for part in self.parts:
+            part.reload()
 
 
 class _PhaseTimer:
