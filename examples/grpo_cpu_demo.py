@@ -64,6 +64,10 @@ def parse_args(argv=None):
                         "policy (the --critic-* flags)")
     p.add_argument("--gamma", type=float, default=1.0, help="GAE discount (--algo ppo)")
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda (--algo ppo)")
+    p.add_argument("--kl-coef", type=float, default=0.0,
+                   help="KL penalty to the reference (the embedded model before the warm start) in the loss")
+    p.add_argument("--kl-in-reward", type=float, default=0.0,
+                   help="KL penalty to the reference in the token rewards (--algo ppo)")
     return add_critic_args(add_lora_args(add_checkpoint_args(p))).parse_args(argv)
 
 
@@ -83,7 +87,8 @@ def build_config(args, hf_dir: str):
         run=RunConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, max_new_tokens=6,
                       micro_batch_size=args.micro_batch_size, updates_per_step=args.updates_per_step, lr=args.lr,
                       seed=args.seed, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints),
-        rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0),
+        rl=RLConfig(loss=PolicyLossConfig(loss="ppo_clip", correction="token_tis", correction_cap=2.0,
+                                          kl_coef=args.kl_coef), kl_in_reward=args.kl_in_reward,
                     group_size=args.group_size, routing_replay=args.routing_replay,
                     advantage_estimator="gae" if args.algo == "ppo" else "grpo", gamma=args.gamma, lam=args.lam),
         precision=PrecisionConfig(trainer=args.precision), allow_changed_settings=args.allow_changed_settings,

@@ -375,6 +375,23 @@ def check_gae(row):
     torch.testing.assert_close(ret, want + values, rtol=1e-12, atol=1e-12)
 
 
+def check_kl_in_reward(row):
+    """verl's apply_kl_penalty with kl_penalty='kl': token_level_rewards = scores − β·(old − ref)."""
+    from megatron_rlfp16.losses.value import kl_penalized
+
+    cfg = rl(["--rl-advantage-estimator", "gae", "--rl-kl-in-reward", "0.05"])
+    assert cfg.kl_in_reward == 0.05
+    data = batch(seed=14)
+    scores = torch.randn(B, T, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = kl_penalized(scores, data["old"], data["mu"], data["mask"], 0.05)
+    for b, ts in masked(data):
+        for t in ts:
+            want = scores[b, t].item() - 0.05 * (data["old"][b, t].item() - data["mu"][b, t].item())
+            assert got[b, t].item() == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="only the 'gae' estimator uses"):
+        rl(["--rl-kl-in-reward", "0.05"])
+
+
 def check_mask_truncated(row):
     assert rl(["--rl-mask-truncated", "true"]).mask_truncated is True
 
@@ -401,7 +418,7 @@ CHECKS = {
     "slime-routing": check_routing,
     "trl-seq-level": check_gspo,
     "trl-mask-truncated": check_mask_truncated,
-    "verl-gae": check_gae, "slime-ppo": check_gae,
+    "verl-gae": check_gae, "slime-ppo": check_gae, "verl-kl-in-reward": check_kl_in_reward,
 }
 
 

@@ -20,7 +20,7 @@ FLAGS = [
     "--rl-loss", "--rl-clip-low", "--rl-clip-high", "--rl-dual-clip", "--rl-correction",
     "--rl-correction-cap", "--rl-correction-floor", "--rl-correction-veto", "--rl-rejection",
     "--rl-rejection-mode", "--rl-correction-normalize", "--rl-agg", "--rl-norm-length", "--rl-kl-coef",
-    "--rl-kl-estimator", "--rl-entropy-coef", "--rl-advantage-estimator", "--rl-group-size", "--rl-gamma", "--rl-lam",
+    "--rl-kl-estimator", "--rl-entropy-coef", "--rl-advantage-estimator", "--rl-group-size", "--rl-gamma", "--rl-lam", "--rl-kl-in-reward",
     "--rl-temperature", "--rl-routing-replay", "--rl-overlong-buffer", "--rl-overlong-penalty",
     "--rl-dynamic-sampling", "--rl-dynamic-sampling-rounds", "--rl-mask-truncated",
 ]

@@ -260,6 +260,26 @@ def test_plan_resolves_the_ppo_critic(llama_dir, moe_dir, tmp_path):
         RLConfig(gamma=1.5).validate()
 
 
+def test_plan_keeps_a_reference_for_the_kl(llama_dir):
+    from megatron_rlfp16.losses import PolicyLossConfig
+    from megatron_rlfp16.megatron import RLConfig
+    from megatron_rlfp16.plan import resolve_plan
+
+    plain = resolve_plan(_config(llama_dir), world_size=2)
+    assert not plain.reference and "reference_weights" not in plain.memory.components
+    kl = resolve_plan(_config(llama_dir, rl=RLConfig(loss=PolicyLossConfig(kl_coef=0.04))), world_size=2)
+    assert kl.reference and kl.describe()["reference"]
+    # A frozen copy of the weights, in every phase.
+    assert kl.memory.components["reference_weights"] == plain.memory.components["weights"]
+    for phase in ("rollout", "training", "refit"):
+        assert kl.memory.phases[phase]["reference_weights"] == kl.memory.components["reference_weights"]
+    ppo = RLConfig(advantage_estimator="gae", group_size=4, kl_in_reward=0.01)
+    assert resolve_plan(_config(llama_dir, rl=ppo), world_size=2).reference
+    with pytest.raises(ValueError, match=r"RLConfig.kl_in_reward=0.01 puts the KL into token rewards, which only "
+                                         r"the 'gae' estimator uses \(this run: 'grpo'\)"):
+        RLConfig(kl_in_reward=0.01).validate()
+
+
 def test_critic_flags_reach_the_config(tmp_path):
     import sys
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_rlfp16.losses import compute_advantages
-from megatron_rlfp16.losses.value import gae, moments, token_rewards, value_loss, whiten
+from megatron_rlfp16.losses.value import gae, kl_penalized, moments, token_rewards, value_loss, whiten
 
 T = 10
 SPANS = [(2, 9), (0, 10), (5, 6), (3, 3), (1, 4)]  # (first, end) response positions; one empty row
@@ -65,6 +65,19 @@ def test_token_rewards_put_the_outcome_on_the_last_token():
     for b, (a, e) in enumerate(SPANS):
         for t in range(T):
             assert out[b, t].item() == (rewards[b].item() if a < e and t == e - 1 else 0.0)
+
+
+def test_kl_in_the_rewards_is_subtracted_per_token():
+    mask, values, rewards = make(6)
+    g = torch.Generator().manual_seed(7)
+    lp, ref = values * 0.1 - 1, values * 0.1 - 1 + 0.05 * torch.randn(values.shape, generator=g, dtype=torch.float64)
+    out = kl_penalized(token_rewards(rewards, mask), lp, ref, mask, beta=0.2)
+    for b, (a, e) in enumerate(SPANS):
+        for t in range(T):
+            want = 0.0
+            if a <= t < e:
+                want = (rewards[b].item() if t == e - 1 else 0.0) - 0.2 * (lp[b, t].item() - ref[b, t].item())
+            assert out[b, t].item() == pytest.approx(want, rel=1e-12, abs=1e-15)
 
 
 def test_whiten_matches_the_masked_statistics():

@@ -4,7 +4,8 @@ Per-token tensors are ``[B, T]`` with a mask m marking the response tokens (cont
 position t is the state before the t-th target token (``megatron.batch``'s layout), so V_t is the
 value the critic gives that state.
 
-- ``token_rewards``: the outcome reward on the last response token, 0 elsewhere.
+- ``token_rewards``: the outcome reward on the last response token, 0 elsewhere; ``kl_penalized``
+  subtracts β times the per-token KL to a reference policy from them.
 - ``gae``: generalized advantage estimation (Schulman et al. 2015, https://arxiv.org/abs/1506.02438)
   over the response, δ_t = r_t + γ·V_{t+1} − V_t, A_t = δ_t + γλ·A_{t+1}, with V and A past the
   last response token 0 (the episode ends there); the value target (return) is R_t = A_t + V_t.
@@ -52,6 +53,19 @@ def token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     rows = torch.nonzero(last >= 0).flatten()
     out[rows, last[rows]] = rewards[rows].to(out.dtype)
     return out
+
+
+def kl_penalized(rewards: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                 beta: float) -> torch.Tensor:
+    """Token rewards with the KL to a reference policy subtracted: r_t − β·(log π_t − log π_ref_t) on
+    the masked tokens (the k1 estimate per token, as verl's ``use_kl_in_reward``), 0 elsewhere. All
+    ``[B, T]``."""
+    mask = mask != 0
+    for name, t in (("rewards", rewards), ("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
+        _check(name, t, mask.shape)
+    dtype = torch.promote_types(rewards.dtype, ACCUM_DTYPE)
+    delta = (logprobs.detach().to(dtype) - ref_logprobs.detach().to(dtype)).masked_fill(~mask, 0.0)
+    return (rewards.to(dtype) - beta * delta).masked_fill(~mask, 0.0)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,

@@ -42,6 +42,10 @@ class RLConfig:
     """GAE's discount γ ("gae" only)."""
     lam: float = 1.0
     """GAE's λ ("gae" only)."""
+    kl_in_reward: float = 0.0
+    """β of the KL penalty in the token rewards ("gae" only): r_t −= β·(log π_old − log π_ref)_t
+    on every response token (verl's ``use_kl_in_reward``; the KL in the loss is
+    ``PolicyLossConfig.kl_coef``). π_ref is the checkpoint the run starts from. 0: off."""
     group_size: int = 8
     """Responses sampled per prompt (the group the advantage baseline is taken over)."""
     temperature: float = 1.0
@@ -77,6 +81,12 @@ class RLConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
                 raise ValueError(f"RLConfig.{name}={value!r} is invalid; valid: a number in [0, 1]")
+        if not (self.kl_in_reward >= 0 and math.isfinite(self.kl_in_reward)):
+            raise ValueError(f"RLConfig.kl_in_reward={self.kl_in_reward!r} is invalid; valid: a finite number >= 0")
+        if self.kl_in_reward and self.advantage_estimator != "gae":
+            raise ValueError(f"RLConfig.kl_in_reward={self.kl_in_reward!r} puts the KL into token rewards, which only "
+                             f"the 'gae' estimator uses (this run: {self.advantage_estimator!r}); valid: 0, or "
+                             "advantage_estimator='gae'; with group estimators use PolicyLossConfig.kl_coef")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"RLConfig.group_size={self.group_size!r} is invalid; valid: an int >= 1")
         from megatron_rlfp16.routing import check_replay_mode
@@ -176,6 +186,7 @@ _RL_FLAGS = {
     "group_size": "--rl-group-size",
     "gamma": "--rl-gamma",
     "lam": "--rl-lam",
+    "kl_in_reward": "--rl-kl-in-reward",
     "temperature": "--rl-temperature",
     "routing_replay": "--rl-routing-replay",
     "overlong_buffer": "--rl-overlong-buffer",
@@ -241,6 +252,8 @@ def add_rl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rl-group-size", "group_size", "responses sampled per prompt", type=positive_int)
     add("--rl-gamma", "gamma", "GAE discount (advantage estimator gae)", type=float)
     add("--rl-lam", "lam", "GAE lambda (advantage estimator gae)", type=float)
+    add("--rl-kl-in-reward", "kl_in_reward", "beta of the KL to the reference in the token rewards (advantage "
+        "estimator gae)", type=float)
     add("--rl-temperature", "temperature", "sampling temperature; log-probs are scored at the same T",
         type=float)
     add("--rl-routing-replay", "routing_replay", "MoE routing replay: none, r2 (updates replay the "

@@ -44,8 +44,8 @@ class CriticConfig:
     """c of the clipped value loss (V kept within ±c of the values the step started from); None:
     the plain squared error."""
     warmup_steps: int = 0
-    """Steps at the start of a run in which only the critic learns (the policy and the engine stay
-    as they are), so that the first policy updates see trained values."""
+    """Steps at the start of a run in which only the critic learns (the policy stays as it is), so
+    that the first policy updates see trained values."""
 
     def validate(self) -> "CriticConfig":
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):

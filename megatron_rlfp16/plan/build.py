@@ -3,7 +3,8 @@
 runtime → model (built in the trainer's precision) → weights → FP32 islands → LoRA adapters (a LoRA
 run: the base frozen) → DDP (the trainable parameters only) → optimizer
 (one grad scaler shared by its sub-optimizers) → optimizer step (sets the schedule's loss-scale
-hook) → PPO's critic (its own model, optimizer and loss scale) → rollout engine. Each stage is also a function of its own, for tools that need only some
+hook) → PPO's critic (its own model, optimizer and loss scale) → the KL's reference policy (frozen)
+→ rollout engine. Each stage is also a function of its own, for tools that need only some
 (the mismatch tool builds the model and the engine, no optimizer).
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ class RunObjects:
     critic_optimizer: Any = None
     critic_stepper: Any = None
     """``precision.OptimizerStep`` of the critic: its own loss scale."""
+    reference: Any = None
+    """The frozen reference policy of the KL penalty (a bare ``GPTModel``), or None."""
 
 
 def init_runtime(plan: RunPlan, *, seed: int = 0):
@@ -105,6 +108,15 @@ def build_critic(plan: RunPlan):
     return ddp, optimizer, OptimizerStep(optimizer, plan.precision, model=ddp)
 
 
+def build_reference(plan: RunPlan):
+    """The KL penalty's reference policy: ``plan.hf_dir`` in the trainer's precision (a LoRA run's
+    base without adapters), frozen, for forward-only log-probs. Needs the runtime."""
+    model = build_model(plan)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
 def build_engine(plan: RunPlan):
     import torch
 
@@ -133,8 +145,9 @@ def build_run(plan: RunPlan, *, seed: int = 0, model=None, engine: bool = True) 
     critic = build_critic(plan) if plan.critic else (None, None, None)
     return RunObjects(model=ddp, optimizer=optimizer, stepper=stepper,
                       engine=build_engine(plan) if engine else None,
-                      critic=critic[0], critic_optimizer=critic[1], critic_stepper=critic[2])
+                      critic=critic[0], critic_optimizer=critic[1], critic_stepper=critic[2],
+                      reference=build_reference(plan) if plan.reference else None)
 
 
 
-__all__ = ["RunObjects", "add_adapters", "build_critic", "build_engine", "build_model", "build_optimizer", "build_run", "init_runtime", "wrap_model"]
+__all__ = ["RunObjects", "add_adapters", "build_critic", "build_engine", "build_reference", "build_model", "build_optimizer", "build_run", "init_runtime", "wrap_model"]

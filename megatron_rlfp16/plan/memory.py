@@ -298,13 +298,15 @@ def plan_memory(arch, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[in
                 recompute: str = "none", attention: str = "unfused", engine_fraction: float = 0.0,
                 rollout_tp: int = 1, rollout_dtype_bytes: int = 2, device_bytes: Optional[int] = None,
                 offload: bool = False, bucket_bytes: int = 256 << 20, lora_rank: int = 0,
-                lora_targets: Tuple[str, ...] = (), critic_arch=None) -> MemoryPlan:
+                lora_targets: Tuple[str, ...] = (), critic_arch=None, reference: bool = False) -> MemoryPlan:
     """The :class:`MemoryPlan` of a layout; every argument is a run-plan field (``resolve_plan``
     makes the one of a run: ``RunPlan.memory``). With ``lora_rank`` only the adapters
     (``lora_params_per_rank``) have gradients, master weights and optimizer state; the frozen base
     weights stay in the trainer's dtype. ``critic_arch`` (PPO) adds the critic's weights, gradients,
     master weights and Adam state as ``critic_state`` (its vocabulary head replaced by one row);
-    it trains after the policy, so the activations are the larger of the two, the policy's."""
+    it trains after the policy, so the activations are the larger of the two, the policy's.
+    ``reference`` adds a frozen copy of the weights (the KL penalty's reference policy) as
+    ``reference_weights``, resident in every phase."""
     inputs = {k: v for k, v in locals().items()}
     etp = etp or tp
     world = world_size or tp * pp * dp
@@ -342,6 +344,9 @@ def plan_memory(arch, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[in
                                 fp32_grads=fp32_grads, shard_dense=dp if distributed_optimizer else 1,
                                 shard_expert=expert_dp if distributed_optimizer else 1)
             for stage in sorted({0, pp - 1}))
+    if reference:
+        worst["reference_weights"] = max(params_per_rank(arch, tp=tp, pp=pp, ep=ep, etp=etp, stage=stage).total
+                                         for stage in sorted({0, pp - 1})) * dtype_bytes
     total_params = params_per_rank(arch, tp=1, pp=1).total
     engine_weights = total_params * rollout_dtype_bytes // rollout_tp
     engine = int(engine_fraction * device_bytes) if device_bytes else 0
@@ -353,6 +358,9 @@ def plan_memory(arch, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[in
         "refit": dict(weights=comp["weights"], engine_weights=engine_weights, bucket=bucket_bytes)
         if offload else dict(state, engine_weights=engine_weights, bucket=bucket_bytes),
     }
+    if reference:  # not offloaded: it is read in every step's log-prob phase
+        for parts in phases.values():
+            parts["reference_weights"] = comp["reference_weights"]
     settings = dict(tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, distributed_optimizer=distributed_optimizer,
                     recompute=recompute, attention=attention, offload=offload, micro_batch_size=micro_batch_size,
                     seq_length=seq_length, engine_fraction=engine_fraction, rollout_tp=rollout_tp,

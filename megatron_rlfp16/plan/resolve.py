@@ -95,6 +95,9 @@ class RunPlan:
     GPUs; reported to corrupt FP16 outputs, docs/fp16.md). On CPU vLLM's own CPU MoE kernel runs."""
     critic: Optional[CriticPlan] = None
     """PPO's value model (``rl.advantage_estimator="gae"``), else None."""
+    reference: bool = False
+    """A frozen reference policy (the ``hf_dir`` checkpoint, adapters off in a LoRA run) is kept for
+    the KL penalty (``PolicyLossConfig.kl_coef`` or ``RLConfig.kl_in_reward``)."""
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     """The adapters (``rank`` 0: full fine-tuning), with ``sync`` resolved: "adapter" (only the
     adapters go to the engine, which serves them as a LoRA) where vLLM serves LoRA for the family,
@@ -120,6 +123,7 @@ class RunPlan:
             offload=self.offload, memory=self.memory.describe(),
             routing=dict(replay=self.routing_replay, engine_routes=bool(self.rollout.return_routes)),
             engine_gpu_kwargs=dict(self.engine_gpu_kwargs),
+            reference=self.reference,
             critic=dict(hf_dir=self.critic.hf_dir, lr=self.critic.optimizer["lr"], value_clip=self.critic.value_clip,
                         warmup_steps=self.critic.warmup_steps, gamma=self.critic.gamma, lam=self.critic.lam)
             if self.critic else None,
@@ -207,6 +211,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         rollout = dataclasses.replace(rollout, max_lora_rank=_engine_lora_limit(lora, rollout), sleep_level=1)
     _check_rejection(config)
     critic = _resolve_critic(config, arch, parallel)
+    reference = config.rl.loss.kl_coef != 0 or config.rl.kl_in_reward > 0
     if config.rl.overlong_buffer > config.run.max_new_tokens:
         raise ValueError(f"RLConfig.overlong_buffer={config.rl.overlong_buffer} is longer than the responses "
                          f"(RunConfig.max_new_tokens={config.run.max_new_tokens}); valid: 0 to "
@@ -234,7 +239,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         device_bytes=device_memory_bytes(memory_config), bucket_bytes=config.run.sync_bucket_mb << 20,
         offload=resolved_offload(memory_config),
         lora_rank=lora.rank, lora_targets=tuple(lora.target_modules) if lora.enabled else (),
-        critic_arch=critic.arch if critic else None,
+        critic_arch=critic.arch if critic else None, reference=reference,
     )
     memory.check()  # before anything is allocated
     overrides = dict(precision.transformer_overrides(), **memory_config.recompute_overrides())
@@ -253,7 +258,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         group_size=config.rl.group_size, temperature=config.rl.temperature, rl_loss=config.rl.loss,
         distributed_optimizer=distributed, recompute=memory_config.recompute, attention=attention,
         offload=resolved_offload(memory_config), memory=memory,
-        routing_replay=routing_replay, lora=lora,
+        routing_replay=routing_replay, lora=lora, reference=reference,
         critic=dataclasses.replace(critic, optimizer=types.MappingProxyType(dict(optimizer, lr=critic.optimizer["lr"])))
         if critic else None,
         engine_gpu_kwargs=types.MappingProxyType(_engine_gpu_kwargs(arch, precision)),

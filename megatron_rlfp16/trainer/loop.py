@@ -58,6 +58,7 @@ class Trainer:
         # PPO (``rl.advantage_estimator="gae"``): the value model, its optimizer and loss scale.
         self.critic, self.critic_optimizer, self.critic_stepper = (
             objects.critic, objects.critic_optimizer, objects.critic_stepper)
+        self.reference = objects.reference  # the KL penalty's frozen π_ref, or None
         self.rank = dist.get_rank()
         self.offloader = None
         if self.plan.offload:  # the trainer's state leaves the device while the engine samples
@@ -112,9 +113,9 @@ class Trainer:
             timer.mark("values")
         metrics = self.update(micro)
         timer.mark("train")
-        warming = self.critic is not None and self.step < self.plan.critic.warmup_steps
-        # The critic's warm-up leaves the policy, so the engine has the weights already.
-        moved = self.sync_weights() if not warming else dict(bytes=0, seconds=0.0)
+        # Also after a critic warm-up step, which leaves the policy as it was: on a GPU the sleeping
+        # engine may have dropped its weights, and the refit is what brings them back.
+        moved = self.sync_weights()
         timer.mark("weight_sync")
         self.step += 1
         metrics.update(
@@ -306,10 +307,15 @@ class Trainer:
                 for m, own in zip(micro, hub.recorded()):
                     m[routing.OWN_ROUTES_KEY] = own
             hub.finish()
+        size = self.plan.micro_batch_size
         if self.config.run.recompute_old_logprobs:
-            size = self.plan.micro_batch_size
             for k, m in enumerate(micro):
                 m["old_logprobs"] = old[k * size:(k + 1) * size]
+        if self.reference is not None:  # π_ref for the KL penalty (in the loss or in the rewards)
+            ref = compute_logprobs(self.reference, [{"input_ids": m["input_ids"]} for m in micro],
+                                   vocab_size=self.arch.vocab_size, temperature=self.plan.temperature)
+            for k, m in enumerate(micro):
+                m["ref_logprobs"] = ref[k * size:(k + 1) * size]
         return metrics
 
     def critic_advantages(self, micro) -> Dict[str, float]:
@@ -319,10 +325,10 @@ class Trainer:
         ``old_values`` and ``returns`` into the micro-batches; returns the step's critic metrics."""
         from megatron.core import parallel_state as ps
 
-        from megatron_rlfp16.losses.value import gae, moments, token_rewards, whiten
+        from megatron_rlfp16.losses.value import gae, kl_penalized, moments, token_rewards, whiten
         from megatron_rlfp16.megatron.critic import compute_values
 
-        critic = self.plan.critic
+        critic, beta = self.plan.critic, self.config.rl.kl_in_reward
         values = compute_values(self.critic, [{"input_ids": m["input_ids"]} for m in micro])
         size = self.plan.micro_batch_size
         sums = torch.zeros(4, dtype=torch.float64)
@@ -330,7 +336,11 @@ class Trainer:
         for k, m in enumerate(micro):
             mask = m["loss_mask"] != 0
             v = values[k * size:(k + 1) * size].cpu()
-            adv, ret = gae(token_rewards(m["advantages"], mask), v, mask, critic.gamma, critic.lam)
+            rewards = token_rewards(m["advantages"], mask)
+            if beta:  # the KL of the sampling policy (π_old; μ in bypass mode) to π_ref, per token
+                rewards = kl_penalized(rewards, m.get("old_logprobs", m["rollout_logprobs"]).cpu(),
+                                       m["ref_logprobs"].cpu(), mask, beta)
+            adv, ret = gae(rewards, v, mask, critic.gamma, critic.lam)
             m["old_values"], m["returns"] = v, ret
             raw.append(adv)
             sums[:3] += moments(adv, mask)
