@@ -107,6 +107,7 @@ def test_real_prompts_are_tokenized_with_the_checkpoints_chat_template(tmp_path,
     hf = make_chat_model(str(tmp_path / "chat"), seed=1)
     rows = [{"prompt": "what is 2 + 3 ?"}, {"messages": [{"role": "system", "content": "be brief"},
                                                         {"role": "user", "content": "name a colour"}]},
+            {"prompt": " ".join(["what"] * 400)},  # past the 256 positions: left out, counted
             {"prompt": "count to five"}, {"prompt": "unused: past --num-prompts"}]
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -115,13 +116,37 @@ def test_real_prompts_are_tokenized_with_the_checkpoints_chat_template(tmp_path,
                              "--num-prompts", "3", "--max-tokens", "8"]) == 0
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
     chats = [[{"role": "user", "content": rows[0]["prompt"]}], rows[1]["messages"],
-             [{"role": "user", "content": rows[2]["prompt"]}]]
+             [{"role": "user", "content": rows[3]["prompt"]}]]
     lengths = [len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)["input_ids"])
                for c in chats]
     summary = json.loads((out / "mismatch.json").read_text())["float32"]
     assert summary["num_prompts"] == 3 and summary["prompt_tokens_mean"] == pytest.approx(sum(lengths) / 3)
     assert summary["prob_diff_mean"] < 1e-4  # FP32 on both sides
-    assert "3 prompts from" in capsys.readouterr().err
+    assert summary["prompts_skipped"] == 1
+    err = capsys.readouterr().err
+    assert "3 prompts from" in err
+    assert "1 prompts longer than the engine takes (247 tokens besides --max-tokens) left out: line 3 (" in err
+
+
+@pytest.mark.unit
+def test_prompts_longer_than_the_engine_takes_are_left_out_and_counted(tmp_path):
+    from megatron_rlfp16.diagnostics import mismatch_report as report
+    from megatron_rlfp16.prompts import load_tokenizer
+    from megatron_rlfp16.testing.tiny import make_chat_model
+
+    hf = make_chat_model(str(tmp_path / "chat"), seed=1)
+    rows = ["what is 2 + 3 ?", " ".join(["what"] * 40), "count to five", "be brief"]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r}) + "\n" for r in rows))
+    read = report.read_prompts(str(path), hf, num_prompts=3, max_prompt_tokens=30)
+    tokenizer = load_tokenizer(hf)
+    long = len(tokenizer.apply_chat_template([{"role": "user", "content": rows[1]}], add_generation_prompt=True,
+                                             tokenize=True)["input_ids"])
+    assert long > 30 and read["skipped"] == [(2, long)] and read["lines"] == [1, 3, 4]
+    assert max(map(len, read["ids"])) <= 30
+    with pytest.raises(ValueError, match=r"every prompt is longer than the engine takes \(3 tokens besides the "
+                                         r"response\), e.g. line 1 with"):
+        report.read_prompts(str(path), hf, num_prompts=3, max_prompt_tokens=3)
 
 
 @pytest.mark.unit

@@ -65,9 +65,17 @@ def main(argv=None) -> int:
                              "no router to replay; valid with Qwen3-MoE and Mixtral checkpoints")
         prompts = {}
         if args.prompts:  # tokenized once, here: every dtype samples from the same ids
+            # The engine holds a prompt and its response within the model's positions.
+            limit = arch.max_position_embeddings - args.max_tokens - 1
             read = report.read_prompts(args.prompts, args.hf_dir, num_prompts=args.num_prompts,
-                                       prompt_field=args.prompt_field, chat_template=not args.no_chat_template)
+                                       prompt_field=args.prompt_field, chat_template=not args.no_chat_template,
+                                       max_prompt_tokens=limit)
             prompts = dict(prompt_ids=read["ids"], stop_ids=read["stop_ids"])
+            if read["skipped"]:
+                shown = ", ".join(f"line {line} ({n} tokens)" for line, n in read["skipped"][:5])
+                print(f"[mismatch] {len(read['skipped'])} prompts longer than the engine takes ({limit} tokens "
+                      f"besides --max-tokens) left out: {shown}" + (", ..." if len(read["skipped"]) > 5 else ""),
+                      file=sys.stderr, flush=True)
             print(f"[mismatch] {len(read['ids'])} prompts from {args.prompts} (lines {read['lines'][0]}-"
                   f"{read['lines'][-1]}; chat template: {'yes' if read['chat_template'] else 'no'}; "
                   f"{sum(map(len, read['ids'])) / len(read['ids']):.1f} tokens on average)", file=sys.stderr, flush=True)
@@ -84,6 +92,8 @@ def main(argv=None) -> int:
                 **prompts,
             )
             replayed = per_rank[0].pop("r3", None)
+            if args.prompts:
+                per_rank[0]["metrics"]["prompts_skipped"] = len(read["skipped"])
             results[dtype] = per_rank[0]
             if replayed is not None:
                 results[f"{dtype}+r3"] = replayed

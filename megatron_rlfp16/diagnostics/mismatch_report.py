@@ -44,18 +44,20 @@ def make_prompts(vocab_size: int, num_prompts: int, prompt_len: int, seed: int) 
 
 
 def read_prompts(path: str, hf_dir: str, *, num_prompts: int, prompt_field: str = "prompt",
-                 chat_template: bool = True) -> Dict:
+                 chat_template: bool = True, max_prompt_tokens: Optional[int] = None) -> Dict:
     """The first ``num_prompts`` rows of a JSONL file (``{prompt_field: text}`` or ``{"messages":
     [...]}`` per line), tokenized as the trainer would: the checkpoint's own tokenizer and chat
     template (``prompts.PromptBuilder``). Returns ``ids`` (token lists), ``stop_ids`` (the checkpoint's
-    end-of-turn tokens) and ``lines``. Errors name the file and line."""
+    end-of-turn tokens), ``lines`` and ``skipped``: ``(line, tokens)`` of the prompts longer than
+    ``max_prompt_tokens`` (what the engine can take besides the response), left out and not counted
+    towards ``num_prompts``. Errors name the file and line."""
     from megatron_rlfp16.prompts import PromptBuilder, PromptConfig, load_tokenizer, stop_token_ids
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--prompts {path!r} is not a file")
     tokenizer = load_tokenizer(hf_dir)
     builder = PromptBuilder(tokenizer, PromptConfig(chat_template=chat_template))
-    ids, lines = [], []
+    ids, lines, skipped = [], [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -75,13 +77,20 @@ def read_prompts(path: str, hf_dir: str, *, num_prompts: int, prompt_field: str 
                 tokens = builder.encode(prompt or "", row.get("messages"))
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
+            if max_prompt_tokens is not None and len(tokens) > max_prompt_tokens:
+                skipped.append((lineno, len(tokens)))
+                continue
             ids.append(tokens)
             lines.append(lineno)
             if len(ids) == num_prompts:
                 break
+    if not ids and skipped:
+        raise ValueError(f"--prompts {path!r}: every prompt is longer than the engine takes ({max_prompt_tokens} "
+                         f"tokens besides the response), e.g. line {skipped[0][0]} with {skipped[0][1]} tokens; "
+                         "use shorter prompts or a smaller --max-tokens")
     if not ids:
         raise ValueError(f"--prompts {path!r}: no prompt in the file")
-    return dict(ids=ids, lines=lines, stop_ids=stop_token_ids(hf_dir, tokenizer),
+    return dict(ids=ids, lines=lines, skipped=skipped, stop_ids=stop_token_ids(hf_dir, tokenizer),
                 chat_template=builder.uses_chat_template)
 
 
