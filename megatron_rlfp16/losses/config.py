@@ -159,3 +159,8 @@ class PolicyLossConfig:
         floor, cap = DEFAULT_BANDS.get(self.correction, OTHER_BAND)
         return (floor if self.correction_floor is None else self.correction_floor,
                 cap if self.correction_cap is None else self.correction_cap)
+
+    @property
+    def corrected(self) -> bool:
+        """Whether the loss weighs tokens by the rollout: a correction, the veto or ``rejection``."""
+        return self.correction is not None or self.correction_veto is not None or self.rejection is not None

@@ -6,8 +6,9 @@ objective's proximal policy (π_old for ppo_clip / gspo / cispo, sg(πθ) for pg
 (TIS) or masks (MIS, IcePop) it at a cap C so a few extreme ratios cannot blow up the variance.
 
 The cap C and floor F are ``config.band()``: ``correction_cap`` / ``correction_floor``, or the
-correction's defaults where those are None. Every function here receives ``log_rho`` = log π_prox − log μ (``[B, T]``, detached, padding = 0,
-float32 or wider) and returns a detached weight broadcastable to ``[B, T]``.
+correction's defaults where those are None. Every function here receives ``log_rho`` = log π_prox −
+log μ (``[B, T]``, detached, padding = 0, float32 or wider) and returns a detached weight
+broadcastable to ``[B, T]``.
 
 Sequence ratios multiply up to thousands of tokens, so they are summed in log space and clamped
 before ``exp``: the clamp sits above log C (so min / ≤ C decisions are exact for every finite ρ) and

@@ -149,7 +149,7 @@ def policy_loss(
     given = mask
     one = torch.ones((), dtype=dtype, device=lp.device)
     weight = one.expand(shape)
-    corrected = config.correction is not None or config.correction_veto is not None or config.rejection is not None
+    corrected = config.corrected
     if corrected:
         proximal = old if objective.proximal == "old" else lp.detach()
         weight, seq_level = rollout_weights((proximal - mu).masked_fill(~mask, 0.0), mask, config)

@@ -31,6 +31,7 @@ from megatron_rlfp16.losses.value import value_loss
 from megatron_rlfp16.megatron.batch import MicroBatch, check_micro_batches, model_inputs, to_device
 from megatron_rlfp16.megatron.loss_func import GlobalCounts, global_counts
 
+
 @dataclasses.dataclass(kw_only=True)
 class CriticConfig:
     """The value model of PPO (``RLConfig.advantage_estimator="gae"``); unused otherwise."""

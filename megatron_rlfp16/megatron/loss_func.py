@@ -42,7 +42,6 @@ from megatron_rlfp16.bridge.context import unwrap
 from megatron_rlfp16.logprobs import next_token_logprobs, vocab_parallel_logprobs
 from megatron_rlfp16.losses import PolicyLossConfig, policy_loss
 from megatron_rlfp16.losses.correction import rollout_weights, weight_sums
-from megatron_rlfp16.losses.registry import POLICY_LOSSES
 from megatron_rlfp16.megatron.batch import MicroBatch, model_inputs, to_device
 
 _DEFAULT = object()
@@ -116,8 +115,7 @@ def global_counts(micro_batches: Sequence[MicroBatch], dp_group=None,
 def _step_correction(mb: MicroBatch, mask: torch.Tensor, config: Optional[PolicyLossConfig]):
     """(the tokens left after ``rejection_mode="remove"``, ``[sum, count]`` of the weights or None),
     decided as ``policy_loss`` decides them: on log π_old − log μ."""
-    corrected = config is not None and (config.correction is not None or config.correction_veto is not None
-                                        or config.rejection is not None)
+    corrected = config is not None and config.corrected
     remove = corrected and config.rejection_mode == "remove"
     normalize = corrected and config.correction_normalize
     if not (remove or normalize):
@@ -126,12 +124,7 @@ def _step_correction(mb: MicroBatch, mask: torch.Tensor, config: Optional[Policy
     if mu is None:
         raise ValueError(f"the rollout correction ({config.correction!r}, rejection_mode="
                          f"{config.rejection_mode!r}) needs rollout_logprobs in every micro-batch")
-    old = mb.get("old_logprobs")
-    if old is None and POLICY_LOSSES.get(config.loss).proximal == "current" and remove:
-        raise ValueError(
-            f"rejection_mode='remove' decides on π_old, and loss={config.loss!r} has none in bypass mode: "
-            "recompute π_old (RunConfig.recompute_old_logprobs=True) or use rejection_mode='zero'"
-        )
+    old = mb.get("old_logprobs")  # bypass without π_old under "remove" and "pg": policy_loss refuses it
     dtype = torch.promote_types(mu.dtype, ACCUM_DTYPE)
     mu = mu.detach().to(dtype).masked_fill(~mask, 0.0)
     old = mu if old is None else old.detach().to(dtype).masked_fill(~mask, 0.0)

@@ -292,8 +292,7 @@ def _check_rejection(config) -> None:
     from megatron_rlfp16.losses.registry import POLICY_LOSSES
 
     loss = config.rl.loss
-    corrected = loss.correction is not None or loss.correction_veto is not None or loss.rejection is not None
-    if (corrected and loss.rejection_mode == "remove" and not config.run.recompute_old_logprobs
+    if (loss.corrected and loss.rejection_mode == "remove" and not config.run.recompute_old_logprobs
             and POLICY_LOSSES.get(loss.loss).proximal == "current"):
         raise ValueError(
             f"PolicyLossConfig.rejection_mode='remove' decides on π_old, which loss={loss.loss!r} has only with "
