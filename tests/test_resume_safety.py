@@ -135,8 +135,21 @@ def test_a_resume_with_another_precision_is_refused_unless_allowed(tmp_path):
         "optimizer: state reset (the trainer precision changed)")
 
 
+def _is_rank(process) -> bool:
+    """Not multiprocessing's resource tracker, and still alive."""
+    import psutil
+
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.Error:  # ended (or a zombie) since it was listed
+        return False
+    return "resource_tracker" not in command
+
+
 @pytest.mark.ranks
 def test_sigterm_to_a_tool_ends_every_rank_and_leaves_nothing(tmp_path):
+    """The tool as users run it: ranks started with ``spawn`` (the suite's fork server would have
+    them finish before the signal; the launcher forwards signals by process id either way)."""
     import signal
     import time
 
@@ -148,12 +161,12 @@ def test_sigterm_to_a_tool_ends_every_rank_and_leaves_nothing(tmp_path):
     out = tmp_path / "m"
     proc = subprocess.Popen([sys.executable, "tools/convert_checkpoint.py", "import", "--hf-dir", hf,
                              "--megatron-dir", str(out), "--tp", "2"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, RLFP16_RANK_START="spawn"))
     deadline = time.monotonic() + 120
     ranks = []
     while len(ranks) < 2:  # both ranks started (spawned children running this package)
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        ranks = [p for p in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+        ranks = [p for p in psutil.Process(proc.pid).children() if _is_rank(p)]
         time.sleep(0.1)
     time.sleep(3)
     sent = time.monotonic()
