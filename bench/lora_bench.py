@@ -5,11 +5,12 @@ one (hidden 1024, 8 layers, vocabulary 32000: 156 M parameters), in FP16, rank-8
 linear modules, a world of one:
 
 - **sync**: in the same rounds, interleaved, (a) the full refit full fine-tuning runs after every step
-  (``engine.update_weights(export_hf(...))``, every weight) and (b) the adapter-only sync (gather the
-  adapters, write the PEFT directory, ``engine.set_adapter``). vLLM loads a new
+  (``engine.update_weights(export_hf(...))``, every weight), (b) the trainer's adapter-only sync
+  (gather the adapters, hand them to the engine in memory, ``engine.set_adapter_tensors``) and (c)
+  the same through a PEFT directory (write it, ``engine.set_adapter(path)``). vLLM loads a new
   adapter when the next generation starts, so each is timed together with one short generation, and
-  the same generation without a sync before it (same adapter state) is subtracted. Figures are the
-  median over the rounds; ``adapter/full`` is the headline ratio (issue target ≤ 0.1).
+  the same generation right after it (same adapter state) is subtracted, round by round. Figures are
+  the median over the rounds; ``adapter/full`` is the headline ratio (issue target ≤ 0.1).
 - **memory**: the bytes of Megatron DDP's gradient buffers and of the optimizer's state (FP32 master
   copies and Adam's two moments) after one optimizer step, for the model with adapters and the same
   model fully trained; ``lora/full`` is the ratio. The run plan's prediction (``plan.memory``) is
@@ -114,7 +115,7 @@ def _one_step(ddp, arch, stepper) -> None:
 def family_job(name: str, rounds: int, threads: int) -> Dict:
     """One model in its own process (a vLLM engine's teardown ends the process group)."""
     from megatron_rlfp16.bridge import export_hf
-    from megatron_rlfp16.lora import gather_adapters, load_lora_state_dict, write_peft_dir
+    from megatron_rlfp16.lora import gather_adapters, load_lora_state_dict, sync_adapters, write_peft_dir
     from megatron_rlfp16.megatron.recompute import compute_logprobs
     from megatron_rlfp16.plan.memory import lora_params_per_rank, params_per_rank
     from megatron_rlfp16.rollout import RolloutConfig, RolloutEngine
@@ -154,7 +155,10 @@ def family_job(name: str, rounds: int, threads: int) -> Dict:
 
     version = [0]
 
-    def adapter_sync():
+    def adapter_sync():  # the trainer's: the adapters handed to the engine in memory
+        return sync_adapters(model, arch, engine, LoraConfig(rank=RANK), FP16)["bytes"]
+
+    def directory_sync():  # through a PEFT directory (what an engine in another process would need)
         version[0] += 1
         tensors = gather_adapters(model, arch)
         path = os.path.join(tmp, "adapters", f"v{version[0]:06d}")
@@ -162,26 +166,21 @@ def family_job(name: str, rounds: int, threads: int) -> Dict:
         engine.set_adapter(path, rank=RANK)
         return sum(t.numel() * 2 for t in tensors.values())
 
-    times = {k: [] for k in ("full", "full_gen", "adapter", "adapter_gen")}
+    syncs = dict(full=full_sync, adapter=adapter_sync, directory=directory_sync)
+    times = {k: [] for kind in syncs for k in (kind, kind + "_gen")}
     moved = {}
     generate()
     for _ in range(rounds):
-        t = time.perf_counter()
-        moved["full"] = full_sync()
-        generate()
-        times["full"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        generate()
-        times["full_gen"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        moved["adapter"] = adapter_sync()
-        generate()
-        times["adapter"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        generate()
-        times["adapter_gen"].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    sync = dict(full=med["full"] - med["full_gen"], adapter=med["adapter"] - med["adapter_gen"])
+        for kind, sync_fn in syncs.items():
+            t = time.perf_counter()
+            moved[kind] = sync_fn()
+            generate()
+            times[kind].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            generate()
+            times[kind + "_gen"].append(time.perf_counter() - t)
+    # Each round's sync + generation less the generation right after it (paired: drifts cancel).
+    sync = {kind: statistics.median(a - b for a, b in zip(times[kind], times[kind + "_gen"])) for kind in syncs}
     # The adapter the engine now serves is the trainer's: compare the log-probs of a sample.
     batch = engine.generate([list(range(3, 15))], n=2, temperature=1.0, max_tokens=6, seed=3)
     tokens, mask, engine_lp = batch.to_tensors(pad_id=0)
@@ -190,7 +189,8 @@ def family_job(name: str, rounds: int, threads: int) -> Dict:
     check = float((engine_lp[m] - mine[m]).abs().max())
     engine.close()
     return dict(model=name, params=total, adapter_params=adapters, rounds=rounds, sync_seconds=sync,
-                sync_ratio=sync["adapter"] / sync["full"], bytes_moved=moved,
+                sync_ratio=sync["adapter"] / sync["full"], directory_ratio=sync["directory"] / sync["full"],
+                bytes_moved=moved,
                 bytes_ratio=moved["adapter"] / moved["full"], memory=memory,
                 memory_ratio=sum(memory["lora"].values()) / sum(memory["full"].values()), planned=planned,
                 planned_ratio=planned["lora"] / planned["full"], engine_vs_trainer_max_abs_logprob=check)
@@ -214,11 +214,11 @@ def main(argv=None) -> int:
     print(f"LoRA rank {RANK} on all linear modules, FP16, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, median of {args.rounds} rounds")
     print(f"{'model':12} {'params':>8} {'adapter':>8} {'full sync':>10} {'adapter sync':>13} {'adapter/full':>13} "
-          f"{'bytes ratio':>12} {'grad+opt lora/full':>19} {'planned':>8} {'engine vs trainer':>18}")
+          f"{'via dir/full':>13} {'bytes ratio':>12} {'grad+opt lora/full':>19} {'planned':>8} {'engine vs trainer':>18}")
     for r in results:
         print(f"{r['model']:12} {r['params'] / 1e6:7.2f}M {r['adapter_params'] / 1e6:7.3f}M "
               f"{r['sync_seconds']['full'] * 1e3:8.1f}ms {r['sync_seconds']['adapter'] * 1e3:11.1f}ms "
-              f"{r['sync_ratio']:13.3f} {r['bytes_ratio']:12.4f} {r['memory_ratio']:19.4f} "
+              f"{r['sync_ratio']:13.3f} {r['directory_ratio']:13.3f} {r['bytes_ratio']:12.4f} {r['memory_ratio']:19.4f} "
               f"{r['planned_ratio']:8.4f} {r['engine_vs_trainer_max_abs_logprob']:18.2e}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -17,6 +17,10 @@ def test_cpu_stand_ins_are_entered_explicitly_and_can_be_left():
         from megatron.core.tensor_parallel import random as mp_random
         from megatron_rlfp16.compat import megatron as compat
 
+        class Passthrough(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
         before = (torch.cuda.current_device, torch.cuda.Stream, mp_random._get_cuda_rng_state)
         assert not compat.cpu_stand_ins_installed()
         with compat.cpu_stand_ins():
@@ -24,6 +28,14 @@ def test_cpu_stand_ins_are_entered_explicitly_and_can_be_left():
             assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
             assert torch.ones(2, device="cuda").device.type == "cpu"
             mp_random._get_cuda_rng_state()  # the model-parallel RNG tracker's CUDA state -> CPU's
+            with compat.cpu_stand_ins_paused():  # the mode is left for the block, the patches stay
+                assert torch.zeros(1).type() == "torch.FloatTensor"
+                assert torch.cuda.current_device() == "cpu"
+            assert torch.zeros(1).type() == "torch.cuda.FloatTensor"  # back after the block
+            with Passthrough(), compat.cpu_stand_ins_paused():
+                assert torch.ones(1).type() == "torch.cuda.FloatTensor"  # not paused under another mode
+        with compat.cpu_stand_ins_paused():  # not installed: a no-op
+            assert torch.zeros(1).type() == "torch.FloatTensor"
         after = (torch.cuda.current_device, torch.cuda.Stream, mp_random._get_cuda_rng_state)
         assert after == before and not compat.cpu_stand_ins_installed()
         assert torch.zeros(1).type() == "torch.FloatTensor"
@@ -59,6 +71,17 @@ def test_vllm_names_the_compat_module_relies_on_exist():
     assert hasattr(CPUModelRunner, "reload_weights")
     assert hasattr(LLM, "reset_prefix_cache") and hasattr(LLM, "sleep") and hasattr(LLM, "wake_up")
     assert layerwise.__name__ == "vllm.model_executor.model_loader.reload.layerwise"
+    # In-memory adapters (adapter_from_memory) and adapter switches without a prefix-cache reset.
+    import inspect
+
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+    from vllm.v1.core import kv_cache_utils
+
+    assert hasattr(LRUCacheWorkerLoRAManager, "_load_adapter") and hasattr(LoRAModel, "from_lora_tensors")
+    assert hasattr(PEFTHelper, "from_dict") and hasattr(PEFTHelper, "validate_legal")
+    assert "lora_name" in inspect.getsource(kv_cache_utils._gen_lora_extra_hash_keys)
 
 
 def test_the_reload_log_filter_drops_only_rotary_warnings():

