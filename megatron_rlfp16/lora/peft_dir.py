@@ -50,9 +50,9 @@ def sync_adapters(model, arch, engine, config: LoraConfig, dtype: torch.dtype) -
     from megatron_rlfp16.compat.megatron import cpu_stand_ins_paused
 
     with cpu_stand_ins_paused():  # tensor reshuffles and copies: nothing here places anything on CUDA
-        tensors = {k: v.to(dtype) for k, v in gather_adapters(model, arch).items()}
-        engine.set_adapter_tensors(tensors, config)
-    return dict(tensors=len(tensors), bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+        tensors = gather_adapters(model, arch)
+        engine.set_adapter_tensors(tensors, config, dtype=dtype)  # the one copy, in dtype
+    return dict(tensors=len(tensors), bytes=sum(t.numel() * dtype.itemsize for t in tensors.values()))
 
 
 def adapted_config(tensors: Dict[str, torch.Tensor], config: LoraConfig) -> LoraConfig:

@@ -302,17 +302,18 @@ class RolloutEngine:
         # nothing computed with another adapter, or without one, is reused.
         self.adapter = LoRARequest(f"adapter-v{version}", version, path)
 
-    def set_adapter_tensors(self, tensors: Dict[str, torch.Tensor], config, rank: Optional[int] = None) -> None:
+    def set_adapter_tensors(self, tensors: Dict[str, torch.Tensor], config, rank: Optional[int] = None,
+                            dtype: Optional[torch.dtype] = None) -> None:
         """As :meth:`set_adapter`, for adapters held in memory: ``tensors`` PEFT-named (as
-        ``lora.gather_adapters`` returns them, in the dtype to hand over) and ``config`` their
-        ``LoraConfig``. The engine builds the adapter from them when the next generation starts, as it
-        would from the PEFT directory of the same tensors; nothing is written to disk. The engine gets
-        a copy: vLLM folds the scale into B in place when it builds the adapter."""
+        ``lora.gather_adapters`` returns them) and ``config`` their ``LoraConfig``. The engine builds
+        the adapter from them when the next generation starts, as it would from the PEFT directory of
+        the same tensors; nothing is written to disk. The engine gets one copy, in ``dtype`` (None:
+        the tensors' own): vLLM folds the scale into B in place when it builds the adapter."""
         from megatron_rlfp16.compat import vllm as vllm_compat
         from megatron_rlfp16.lora.peft_dir import adapter_config, adapted_config
 
         version = self._next_adapter_version(config.rank if rank is None else rank)
-        tensors = {k: v.detach().clone() for k, v in tensors.items()}
+        tensors = {k: v.detach().to(dtype=dtype or v.dtype, copy=True) for k, v in tensors.items()}
         peft_config = adapter_config(adapted_config(tensors, config))
         self.adapter = vllm_compat.adapter_from_memory(self.llm, f"adapter-v{version}", version, tensors, peft_config)
 
