@@ -59,6 +59,9 @@ def parse_args(argv=None):
                         "forward, r2 the trainer's own pi_old routing in the updates (docs/rollout.md)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="the trainer's state in host memory while the engine samples (default: on with a GPU)")
+    p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --offload, master weights and Adam moments also stay in host memory outside each "
+                        "optimizer step (default: on when offloading and the run fits the device only this way)")
     p.add_argument("--algo", default="grpo", choices=["grpo", "ppo"],
                    help="grpo: group-relative advantages; ppo: GAE advantages from a critic trained beside the "
                         "policy (the --critic-* flags)")
@@ -92,7 +95,7 @@ def build_config(args, hf_dir: str):
                     group_size=args.group_size, routing_replay=args.routing_replay,
                     advantage_estimator="gae" if args.algo == "ppo" else "grpo", gamma=args.gamma, lam=args.lam),
         precision=PrecisionConfig(trainer=args.precision), allow_changed_settings=args.allow_changed_settings,
-        memory=MemoryConfig(offload=args.offload), lora=lora_config_from_args(args),
+        memory=MemoryConfig(offload=args.offload, offload_optimizer=args.offload_optimizer), lora=lora_config_from_args(args),
         critic=critic_config_from_args(args),
     )
 

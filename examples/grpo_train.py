@@ -15,6 +15,7 @@ parameter count is checked against one computed from the HF config alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernel the memory plan assumes (auto: fused with TransformerEngine)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="the trainer's state in host memory while the engine samples (default: on with a GPU)")
+    p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --offload, master weights and Adam moments also stay in host memory outside each "
+                        "optimizer step (default: on when offloading and the run fits the device only this way)")
     p.add_argument("--device-memory-gib", type=positive_float, default=None,
                    help="memory of one GPU for the fit check (default: the GPU's own; none on CPU)")
     p.add_argument("--precision", default=Precision.FP16.value, choices=Precision.names(),
@@ -117,7 +121,7 @@ def build_config(args: argparse.Namespace):
         run=run, rl=rl, resume=not args.no_resume, precision=PrecisionConfig(trainer=args.precision),
         memory=MemoryConfig(distributed_optimizer=args.distributed_optimizer, recompute=args.recompute,
                             attention=args.attention, device_memory_gib=args.device_memory_gib,
-                            offload=args.offload),
+                            offload=args.offload, offload_optimizer=args.offload_optimizer),
         allow_changed_settings=args.allow_changed_settings, lora=lora, critic=critic_config_from_args(args),
     )
     try:
@@ -173,6 +177,8 @@ def dry_run(config) -> dict:
 
     p = config.parallel
     world = p.tp * p.pp * p.ep
+    if config.memory.offload is None:  # planned as the GPU run resolves it: offload on
+        config = dataclasses.replace(config, memory=dataclasses.replace(config.memory, offload=True))
     # The plan for the run's world (WORLD_SIZE, e.g. the recipe's NPROC); the meta model for one
     # model-parallel group of it.
     plan = resolve_plan(config, world_size=int(os.environ.get("WORLD_SIZE", world)))

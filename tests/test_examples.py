@@ -72,6 +72,28 @@ def test_recipe_dry_run(tmp_path, script, cfg, layout, total_b):
     assert s["plan"]["distributed_optimizer"] is True
 
 
+def test_the_moe_recipe_on_80gb_gpus_keeps_the_optimizer_state_on_the_host_between_steps(tmp_path):
+    """On 80 GB cards the Qwen3-30B-A3B recipe's training state (FP16 weights, FP32 gradients,
+    master weights and moments of 3.6 B expert parameters, not sharded: expert-data-parallel size
+    1) and its activations do not fit together; with the master weights and moments in host memory
+    outside each optimizer step they do. Without offload the plan refuses, naming them."""
+    hf = _hf_dir(tmp_path, MOE)
+    env = dict(DRY_RUN="1", HF_DIR=hf, GPU_MEMORY_GIB="80")
+    s = _summary(_run(["bash", "examples/grpo_qwen3_30b_a3b_fp16.sh"], env=env))
+    memory = s["plan"]["memory"]
+    assert s["plan"]["offload"] is True and s["plan"]["offload_optimizer"] is True
+    assert set(memory["phases_gib"]) == {"rollout", "training", "optimizer", "refit"}
+    assert memory["peak"]["phase"] == "optimizer" and memory["peak"]["gib"] < 0.95 * 80
+    assert "optimizer_state" not in memory["phases_gib"]["training"]
+    # 3.6 B expert parameters per GPU (128 experts over EP 8, 3 matrices of 2048 x 768 in 48 layers):
+    # their master weights and two moments alone are 12 bytes each.
+    experts = MOE["num_hidden_layers"] * MOE["num_experts"] // 8 * 3 * MOE["hidden_size"] * MOE["moe_intermediate_size"]
+    assert memory["components_gib"]["optimizer_state"] >= 8 * experts / 2**30
+    for flags in (["--no-offload"], ["--offload", "--no-offload-optimizer"]):
+        proc = _run(["bash", "examples/grpo_qwen3_30b_a3b_fp16.sh", *flags], env=env)
+        assert proc.returncode == 2 and "the largest is optimizer_state" in proc.stderr, (flags, proc.stderr[-2000:])
+
+
 def test_lora_recipe_dry_run(tmp_path):
     """The LoRA variant of the 8B recipe: the plan's adapter-only sync and engine limit, and the trainer
     state shrunk to the adapters' (counted here from the shapes: r · (in + out) per module, per TP rank)."""

@@ -150,7 +150,7 @@ def offload_job(distributed):
     from megatron_rlfp16.models import build_model
     from megatron_rlfp16.precision import OptimizerStep, PrecisionConfig
     from megatron_rlfp16.runtime import ParallelConfig, init_runtime
-    from megatron_rlfp16.runtime.offload import TrainerOffload, _state_tensors
+    from megatron_rlfp16.runtime.offload import KINDS, TrainerOffload, _state_tensors
     from megatron_rlfp16.testing.tiny import tiny_config
 
     def step(ddp, optimizer, stepper, seed):
@@ -188,6 +188,20 @@ def offload_job(distributed):
             out["resident"] = resident
             out["identical"] = len(before) == len(after) and all(
                 a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(before, after))
+            # The kinds apart, in the trainer's order: the optimizer's part alone (the optimizer
+            # step's round trip), then the gradients (before the refit), then the parameters.
+            out["kind_bytes"] = {k: mover.resident_bytes((k,)) for k in KINDS}
+            out["optimizer_freed"] = mover.offload(("optimizer",))
+            out["others_resident"] = mover.resident_bytes(("params", "grads"))
+            out["optimizer_restored"] = mover.reload(("optimizer",))
+            out["optimizer_freed_again"] = mover.offload(("optimizer",))
+            out["grads_freed"] = mover.offload(("grads", "optimizer"))  # the optimizer's part is out already
+            out["params_freed"] = mover.offload()
+            out["host_bytes"] = mover.host_bytes()
+            out["restored_by_kind"] = mover.reload()
+            out["identical_by_kind"] = all(torch.equal(a, b) for a, b in zip(before, _state_tensors([ddp], optimizer)))
+            out["numel"] = sum(p.numel() for p in ddp.parameters())
+            out["tensors"] = len(list(ddp.parameters()))
         for seed in (1, 2):
             step(ddp, optimizer, stepper, seed)
         out["params"] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
@@ -275,6 +289,32 @@ def test_offload_empties_the_rollout_phase_of_trainer_state(tmp_path):
     assert set(offloaded.phases["refit"]) == {"weights", "engine_weights", "bucket"}
 
 
+def test_the_optimizer_state_apart_leaves_the_training_phase(tmp_path):
+    """With offload_optimizer the training phase holds no master weights or optimizer state, and
+    the optimizer phase holds the whole state but no activations."""
+    from megatron_rlfp16.plan import MemoryPlanError
+    from megatron_rlfp16.plan.memory import plan_memory, with_offload_optimizer
+
+    memory = _recipe_plan(tmp_path, attention="fused", distributed_optimizer=False, device_memory_gib=None).memory
+    apart = memory.replace(offload=True, offload_optimizer=True)
+    c = apart.components
+    assert set(apart.phases) == {"rollout", "training", "optimizer", "refit"}
+    assert apart.phases["training"] == dict(weights=c["weights"], gradients=c["gradients"], activations=c["activations"])
+    assert apart.phases["optimizer"] == {k: c[k] for k in ("weights", "gradients", "master_weights", "optimizer_state")}
+    assert set(memory.replace(offload=True).phases) == {"rollout", "training", "refit"}
+    with pytest.raises(ValueError, match="offload_optimizer=True needs offload=True"):
+        plan_memory(memory.inputs["arch"], offload_optimizer=True)
+    # None: on only where the run does not fit otherwise.
+    assert with_offload_optimizer(memory.replace(offload=True, device_bytes=200 << 30), None).settings[
+        "offload_optimizer"] is False
+    tight = memory.replace(offload=True, device_bytes=int(0.9 * memory.replace(offload=True).phase_total("training")))
+    assert with_offload_optimizer(tight, None).settings["offload_optimizer"] is True
+    with pytest.raises(MemoryPlanError, match=r"the training phase .* the largest is activations\. To fit: .*; or the "
+                                              r"master weights and optimizer state in host memory outside the "
+                                              r"optimizer step \(--offload-optimizer, with --offload\)\.$"):
+        with_offload_optimizer(tight, False).check()
+
+
 def test_the_memory_plan_tool(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(QWEN3_8B))
@@ -298,6 +338,19 @@ def test_offload_round_trip_is_bit_exact_and_frees_the_state(measured):
         assert o["freed"] == o["resident"] == o["restored"] > 0 and o["resident_while_offloaded"] == 0
         for name, p in row["plain"]["params"].items():
             assert torch.equal(o["params"][name], p), name  # the steps after the round trip are the same
+        # The kinds apart. FP16 parameters, FP32 gradient buffers; the optimizer's part is the FP32
+        # master weights and both Adam moments (and Adam's FP32 step counter per tensor), over the
+        # data-parallel ranks with the distributed optimizer.
+        n, kinds = o["numel"], o["kind_bytes"]
+        assert (kinds["params"], kinds["grads"]) == (2 * n, 4 * n)
+        if row["distributed"]:
+            assert kinds["optimizer"] == pytest.approx(12 * n / 2, rel=1e-3)
+        else:
+            assert kinds["optimizer"] == 12 * n + 4 * o["tensors"]
+        assert o["optimizer_freed"] == o["optimizer_restored"] == o["optimizer_freed_again"] == kinds["optimizer"]
+        assert o["others_resident"] == kinds["params"] + kinds["grads"]  # untouched by the optimizer's move
+        assert (o["grads_freed"], o["params_freed"]) == (kinds["grads"], kinds["params"])
+        assert o["host_bytes"] == o["restored_by_kind"] == o["freed"] and o["identical_by_kind"]
 
 
 @pytest.mark.ranks

@@ -5,8 +5,8 @@
         --micro-batch-size 4 --max-new-tokens 2048 --device-memory-gib 80
 
 Needs only the HF ``config.json`` (a directory holding one, or the file); nothing is loaded or
-allocated. The phases are those of a colocated run (rollout, training, refit; see
-docs/gpu.md). Exit status 0 when every phase fits (or no device memory is known), 3 when one does
+allocated. The phases are those of a colocated run (rollout, training, refit, and the optimizer
+step apart with --offload-optimizer; see docs/gpu.md). Exit status 0 when every phase fits (or no device memory is known), 3 when one does
 not: the message names the largest component of that phase and the settings that would make it fit.
 """
 from __future__ import annotations
@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
                    help="the trainer's state in host memory during rollout, so that phase holds only the "
                         "engine (default: on, as in a GPU run)")
+    p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --offload, master weights and Adam moments also stay in host memory outside each "
+                        "optimizer step: a training phase without them and an optimizer phase (default: on when "
+                        "the run fits only this way)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -61,6 +65,7 @@ def main(argv=None) -> int:
 
     from megatron_rlfp16.cli import with_flag
     from megatron_rlfp16.plan import MemoryConfig, MemoryPlanError, resolve_plan
+    from megatron_rlfp16.plan.memory import with_offload_optimizer
     from megatron_rlfp16.precision import PrecisionConfig
     from megatron_rlfp16.rollout import RolloutConfig
     from megatron_rlfp16.runtime import ParallelConfig
@@ -88,7 +93,11 @@ def main(argv=None) -> int:
         )
         plan = resolve_plan(config, world_size=args.world_size, hf_config=cfg)
         device = int(args.device_memory_gib * 2**30) if args.device_memory_gib else plan.memory.device_bytes
-        memory_plan = plan.memory.replace(device_bytes=device, offload=args.offload)
+        if args.offload_optimizer and not args.offload:
+            raise ValueError("--offload-optimizer needs --offload (the optimizer state can only stay in host "
+                             "memory when the trainer's state is offloaded)")
+        memory_plan = with_offload_optimizer(plan.memory.replace(device_bytes=device, offload=args.offload),
+                                             args.offload_optimizer)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {with_flag(str(err))}", file=sys.stderr)
         return 2

@@ -41,7 +41,8 @@ def export_hf(
 ) -> Iterator[Tuple[str, torch.Tensor]]:
     """Collective generator of the full HF tensors of a (sharded) Megatron model; see
     :func:`megatron_rlfp16.bridge.core.export_hf_weights`. ``scope="replica"`` (with ``receivers="all"``,
-    the refit) keeps every transfer inside its data-parallel replica (``ShardContext.from_megatron``).
+    the refit) keeps every transfer inside a replica: dense weights inside the data-parallel replica,
+    expert weights inside the expert-data-parallel replica (``ShardContext.from_megatron``).
     ``merge_lora``: a model with LoRA adapters exports ``W + (alpha / r) · B · A`` for every adapted
     weight (merged in FP32, one weight at a time); without it the base weights go out as they are."""
     if scope == "replica" and receivers != "all":

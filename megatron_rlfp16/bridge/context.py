@@ -29,7 +29,10 @@ class ShardContext:
     in_expert_leader_group: bool = True
     """Expert weights: this rank belongs to the expert-data-parallel replica that exports them."""
     world_group: Optional[Any] = None
-    """The ranks an export runs over: the whole world, or one data-parallel replica (``scope``)."""
+    """The ranks dense weights travel among: the whole world, or one data-parallel replica (``scope``)."""
+    expert_world_group: Optional[Any] = None
+    """The ranks expert weights travel among: the whole world, or one expert-data-parallel replica
+    (``scope``); ``None``: the same as ``world_group``."""
 
     def tp_for(self, is_expert: bool):
         """``(rank, size, group)`` of the TP group that shards a dense or an expert weight."""
@@ -45,13 +48,20 @@ class ShardContext:
     def participates(self, is_expert: bool) -> bool:
         return self.in_expert_leader_group if is_expert else self.in_leader_group
 
+    def group_for(self, is_expert: bool):
+        """The process group a dense or an expert weight is sent in (``None``: the world)."""
+        if is_expert and self.expert_world_group is not None:
+            return self.expert_world_group
+        return self.world_group
+
     @staticmethod
     def from_megatron(model, scope: str = "world") -> "ShardContext":
-        """The context of this rank. ``scope="replica"`` runs an export inside each data-parallel
-        replica (Megatron's model-parallel group: TP x PP ranks, which together hold the whole
-        model): every replica gathers and sends its own copy and nothing crosses replicas. Only for
-        models without experts (experts are spread over the data-parallel ranks by EP); a model with
-        experts falls back to the world."""
+        """The context of this rank. ``scope="replica"`` keeps every transfer of an export inside the
+        ranks that together hold one whole copy of what is sent: dense weights inside the
+        data-parallel replica (Megatron's model-parallel group, TP x PP ranks), expert weights
+        inside the expert-data-parallel replica (the expert tensor x expert x pipeline ranks, which
+        hold every expert once). Every replica gathers and sends its own copy; nothing crosses
+        replicas. ``scope="world"``: one replica sends to every rank."""
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -61,7 +71,9 @@ class ShardContext:
         config = model.config
         num_experts = getattr(config, "num_moe_experts", None) or 0
         ep_size = ps.get_expert_model_parallel_world_size()
-        replica = scope == "replica" and not num_experts and ps.get_data_parallel_world_size() > 1
+        replica = scope == "replica" and ps.get_data_parallel_world_size() > 1
+        expert_replica = (scope == "replica" and bool(num_experts)
+                          and ps.get_expert_data_parallel_world_size() > 1)
         return ShardContext(
             tp_rank=ps.get_tensor_model_parallel_rank(),
             tp_size=ps.get_tensor_model_parallel_world_size(),
@@ -72,10 +84,11 @@ class ShardContext:
             layer_offset=get_transformer_layer_offset(config),
             expert_offset=ps.get_expert_model_parallel_rank() * (num_experts // ep_size) if num_experts else 0,
             in_leader_group=replica or ps.get_data_parallel_rank() == 0,
-            in_expert_leader_group=(ps.get_expert_data_parallel_rank() == 0) if num_experts else True,
+            in_expert_leader_group=(expert_replica or ps.get_expert_data_parallel_rank() == 0) if num_experts else True,
             world_group=ps.get_model_parallel_group() if replica else dist.group.WORLD,
+            expert_world_group=(ps.get_expert_tensor_model_pipeline_parallel_group() if expert_replica
+                                else dist.group.WORLD),
         )
-
 
 def unwrap(model):
     """The bare ``GPTModel`` inside DDP / Float16Module wrappers (or a one-element chunk list)."""

@@ -147,7 +147,9 @@ def _bucket_plan(specs: List[dict], bucket_bytes: int) -> List[List[dict]]:
     buckets: List[List[dict]] = []
     size = 0
     for spec in specs:
-        if not buckets or buckets[-1][0]["src"] != spec["src"] or size + spec["bytes"] > bucket_bytes:
+        last = buckets[-1][0] if buckets else None
+        if (last is None or (last["src"], last["expert"]) != (spec["src"], spec["expert"])
+                or size + spec["bytes"] > bucket_bytes):
             buckets.append([])
             size = 0
         buckets[-1].append(spec)
@@ -224,10 +226,15 @@ def _plan(named_params, bridge: Bridge, ctx: ShardContext, dtype):
             tensors = [(n, tuple(shape)) for n, shape, _ in outs]
             nbytes = sum(_aligned(torch.Size(s).numel() * out_dtype.itemsize) for _, s in tensors)
             mine.append(dict(canonical=canonical, src=me, dtype=str(out_dtype).removeprefix("torch."),
-                             tensors=tensors, bytes=nbytes))
-    everyone: List[Any] = [None] * dist.get_world_size(ctx.world_group)
-    dist.all_gather_object(everyone, mine, group=ctx.world_group)
-    specs = sorted((s for part in everyone for s in part), key=lambda s: _export_order(s["canonical"]))
+                             tensors=tensors, bytes=nbytes, expert=mapping.is_expert))
+    everyone: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    # Each weight comes from the replica of this rank's group for its kind (dense or expert); with
+    # scope="world" that is the one exporting replica's, with scope="replica" this rank's own.
+    members = {kind: set(dist.get_process_group_ranks(ctx.group_for(kind) or dist.group.WORLD))
+               for kind in (False, True)}
+    specs = sorted((s for part in everyone for s in part if s["src"] in members[s["expert"]]),
+                   key=lambda s: _export_order(s["canonical"]))
     _check_complete(bridge, specs)
     return local, specs
 
@@ -240,6 +247,7 @@ def _transfer_bucket(bucket, local, bridge, ctx, me, receivers, staging, device)
     views) outlives this call except the returned views, so at most one bucket is alive at a time.
     """
     src = bucket[0]["src"]
+    group = ctx.group_for(bucket[0]["expert"])
     total = sum(s["bytes"] for s in bucket)
     receive = receivers == "all" or receivers == me
     buf = staging.get(total, device) if (me == src or receive) else None
@@ -265,8 +273,8 @@ def _transfer_bucket(bucket, local, bridge, ctx, me, receivers, staging, device)
             offset += _aligned(n)
         outs = None  # drop this tensor's gathered shards before the next one is gathered
     if receivers == "all":
-        if dist.get_world_size(ctx.world_group) > 1:
-            dist.broadcast(buf, src=src, group=ctx.world_group)
+        if dist.get_world_size(group) > 1:
+            dist.broadcast(buf, src=src, group=group)
     elif src != receivers:
         if me == src:
             dist.send(buf, dst=receivers)

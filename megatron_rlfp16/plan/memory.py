@@ -10,9 +10,18 @@ rollout     weights, gradients, master weights, optimizer       weights + KV cac
             state (nothing with ``offload``)                    the device, ``gpu_memory_utilization``)
 training    weights, gradients, master weights, optimizer       asleep (released)
             state, activations of the micro-batches in flight
+            (with ``offload_optimizer`` no master weights or
+            optimizer state: they are in host memory)
+optimizer   only with ``offload_optimizer``: weights,           asleep
+            gradients, master weights, optimizer state (the
+            step; the activations are gone)
 refit       weights, gradients, master weights, optimizer       its weights (awake, KV cache still
             state (weights only with ``offload``), one bucket   released)
 ==========  ==================================================  ==================================
+
+A checkpoint is saved after the refit. Without offload that holds what the refit holds; with it
+the engine sleeps first and the save holds weights, master weights and optimizer state, no more
+than the training or optimizer phase.
 
 Every component is computed from the HF config and the layout alone (no model is built):
 
@@ -51,7 +60,8 @@ RECOMPUTE = ("none", "selective", "full")
 ATTENTION = ("fused", "unfused")
 """Attention kernels: fused (flash / TE: no ``[b, h, s, s]`` tensors kept) or unfused (Megatron's
 local ``DotProductAttention``, what runs without TransformerEngine)."""
-PHASES = ("rollout", "training", "refit")
+PHASES = ("rollout", "training", "optimizer", "refit")
+"""The phases a plan may have, in a step's order ("optimizer" only with ``offload_optimizer``)."""
 TRAINER_STATE = ("weights", "gradients", "master_weights", "optimizer_state")
 
 
@@ -200,6 +210,8 @@ class MemoryPlan:
         """The plan of the same run with some of :func:`plan_memory`'s arguments changed (e.g.
         ``device_bytes``, ``offload``)."""
         inputs = dict(self.inputs, **changes)
+        if not inputs.get("offload"):
+            inputs["offload_optimizer"] = False
         return plan_memory(inputs.pop("arch"), **inputs)
 
     def phase_total(self, phase: str) -> int:
@@ -207,7 +219,7 @@ class MemoryPlan:
 
     def peak(self) -> Tuple[str, int]:
         """``(phase, bytes)`` of the phase that needs the most."""
-        return max(((p, self.phase_total(p)) for p in PHASES), key=lambda x: x[1])
+        return max(((p, self.phase_total(p)) for p in self.phases), key=lambda x: x[1])
 
     def describe(self) -> dict:
         """GiB per component and per phase (JSON-able)."""
@@ -216,7 +228,7 @@ class MemoryPlan:
         return dict(
             components_gib={k: gib(v) for k, v in self.components.items()},
             phases_gib={p: dict({k: gib(v) for k, v in self.phases[p].items()}, total=gib(self.phase_total(p)))
-                        for p in PHASES},
+                        for p in self.phases},
             peak=dict(phase=phase, gib=gib(peak)),
             device_gib=gib(self.device_bytes) if self.device_bytes else None,
             settings=dict(self.settings),
@@ -237,7 +249,7 @@ class MemoryPlan:
                 "larger --rollout-gpu-memory-utilization."
             )
         budget = self.device_bytes * (1 - headroom)
-        for phase in PHASES:
+        for phase in self.phases:
             need = self.phase_total(phase)
             if need <= budget:
                 continue
@@ -252,6 +264,20 @@ class MemoryPlan:
                 f"{gib(self.device_bytes)} ({listed}); the largest is {largest}. "
                 f"{_fixes(largest, phase, self.settings)}"
             )
+
+
+def with_offload_optimizer(plan: MemoryPlan, setting: Optional[bool]) -> MemoryPlan:
+    """``plan`` with ``MemoryConfig.offload_optimizer`` applied: True or False as given; None turns
+    it on when the plan offloads and does not fit the device otherwise (when it fits neither way,
+    the plan with it on, whose error names what is left to change). Check the result."""
+    if setting is not None or not plan.settings["offload"]:
+        return plan.replace(offload_optimizer=bool(setting) and plan.settings["offload"])
+    plain = plan.replace(offload_optimizer=False)
+    try:
+        plain.check()
+        return plain
+    except MemoryPlanError:
+        return plan.replace(offload_optimizer=True)
 
 
 def _critic_state_bytes(arch, *, tp, pp, ep, etp, stage, dtype_bytes, fp32_grads, shard_dense, shard_expert) -> int:
@@ -288,6 +314,9 @@ def _fixes(largest: str, phase: str, settings: Mapping[str, object]) -> str:
         hints.append("a smaller --micro-batch-size or --max-new-tokens")
     if largest == "engine":
         hints.append("a smaller --rollout-gpu-memory-utilization")
+    if phase == "training" and not settings.get("offload_optimizer"):
+        hints.append("the master weights and optimizer state in host memory outside the optimizer step "
+                     "(--offload-optimizer, with --offload)")
     return "To fit: " + "; or ".join(hints) + "." if hints else ""
 
 
@@ -297,7 +326,7 @@ def plan_memory(arch, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[in
                 seq_length: int = 1024, micro_batches: int = 1, sequence_parallel: bool = False,
                 recompute: str = "none", attention: str = "unfused", engine_fraction: float = 0.0,
                 rollout_tp: int = 1, rollout_dtype_bytes: int = 2, device_bytes: Optional[int] = None,
-                offload: bool = False, bucket_bytes: int = 256 << 20, lora_rank: int = 0,
+                offload: bool = False, offload_optimizer: bool = False, bucket_bytes: int = 256 << 20, lora_rank: int = 0,
                 lora_targets: Tuple[str, ...] = (), critic_arch=None, reference: bool = False) -> MemoryPlan:
     """The :class:`MemoryPlan` of a layout; every argument is a run-plan field (``resolve_plan``
     makes the one of a run: ``RunPlan.memory``). With ``lora_rank`` only the adapters
@@ -306,7 +335,10 @@ def plan_memory(arch, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[in
     master weights and Adam state as ``critic_state`` (its vocabulary head replaced by one row);
     it trains after the policy, so the activations are the larger of the two, the policy's.
     ``reference`` adds a frozen copy of the weights (the KL penalty's reference policy) as
-    ``reference_weights``, resident in every phase."""
+    ``reference_weights``, resident in every phase. ``offload_optimizer`` (needs ``offload``) keeps
+    the master weights and optimizer state out of the training phase and adds the optimizer phase."""
+    if offload_optimizer and not offload:
+        raise ValueError("plan_memory: offload_optimizer=True needs offload=True")
     inputs = {k: v for k, v in locals().items()}
     etp = etp or tp
     world = world_size or tp * pp * dp
@@ -352,17 +384,22 @@ def plan_memory(arch, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[in
     engine = int(engine_fraction * device_bytes) if device_bytes else 0
     comp = dict(worst, engine=engine, engine_weights=engine_weights)
     state = {k: comp[k] for k in TRAINER_STATE + ("critic_state",) if k in comp}
+    optimizer_parts = ("master_weights", "optimizer_state")
     phases = {
         "rollout": dict(engine=engine) if offload else dict(state, engine=engine),
-        "training": dict(state, activations=comp["activations"]),
-        "refit": dict(weights=comp["weights"], engine_weights=engine_weights, bucket=bucket_bytes)
-        if offload else dict(state, engine_weights=engine_weights, bucket=bucket_bytes),
+        "training": dict({k: v for k, v in state.items() if not (offload_optimizer and k in optimizer_parts)},
+                         activations=comp["activations"]),
     }
+    if offload_optimizer:
+        phases["optimizer"] = dict(state)
+    phases["refit"] = (dict(weights=comp["weights"], engine_weights=engine_weights, bucket=bucket_bytes)
+                       if offload else dict(state, engine_weights=engine_weights, bucket=bucket_bytes))
     if reference:  # not offloaded: it is read in every step's log-prob phase
         for parts in phases.values():
             parts["reference_weights"] = comp["reference_weights"]
     settings = dict(tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, distributed_optimizer=distributed_optimizer,
-                    recompute=recompute, attention=attention, offload=offload, micro_batch_size=micro_batch_size,
+                    recompute=recompute, attention=attention, offload=offload,
+                    offload_optimizer=offload_optimizer, micro_batch_size=micro_batch_size,
                     seq_length=seq_length, engine_fraction=engine_fraction, rollout_tp=rollout_tp,
                     lora_rank=lora_rank)
     return MemoryPlan(components=types.MappingProxyType(comp),
@@ -392,6 +429,11 @@ class MemoryConfig:
     """Move the trainer's parameters, gradient buffers, master weights and optimizer state to host
     memory while the engine samples, and back before training (``--offload``). None: on when a GPU
     is present (the engine and the trainer share it)."""
+    offload_optimizer: Optional[bool] = None
+    """With ``offload``, also keep the FP32 master weights and Adam moments in host memory while the
+    micro-batches run forward and backward: they come to the device for each optimizer step only
+    (``--offload-optimizer``). Costs a round trip of that state per optimizer step; frees it from
+    the training phase. None: on when offloading and the run fits the device only this way."""
 
     def validate(self) -> "MemoryConfig":
         if self.distributed_optimizer not in (None, True, False):
@@ -402,6 +444,11 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.attention={self.attention!r}; valid: {['auto', *ATTENTION]}")
         if self.offload not in (None, True, False):
             raise ValueError(f"MemoryConfig.offload={self.offload!r}; valid: None, True, False")
+        if self.offload_optimizer not in (None, True, False):
+            raise ValueError(f"MemoryConfig.offload_optimizer={self.offload_optimizer!r}; valid: None, True, False")
+        if self.offload_optimizer and self.offload is False:
+            raise ValueError("MemoryConfig.offload_optimizer=True with offload=False: the optimizer state can only "
+                             "stay in host memory when the trainer's state is offloaded; valid: offload=True or None")
         if self.device_memory_gib is not None and not (isinstance(self.device_memory_gib, (int, float))
                                                        and self.device_memory_gib > 0):
             raise ValueError(f"MemoryConfig.device_memory_gib={self.device_memory_gib!r}; valid: None or a number > 0")

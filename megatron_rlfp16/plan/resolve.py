@@ -12,7 +12,7 @@ from megatron_rlfp16.lora.config import LoraConfig
 from megatron_rlfp16.models import ModelArch, check_layout, parse_hf_config, read_config_json
 from megatron_rlfp16.models.builder import default_expert_tp, sequence_multiple, uses_sequence_parallel
 from megatron_rlfp16.plan.memory import (
-    MemoryPlan, device_memory_bytes, plan_memory, resolved_attention, resolved_offload,
+    MemoryPlan, device_memory_bytes, plan_memory, resolved_attention, resolved_offload, with_offload_optimizer,
 )
 from megatron_rlfp16.precision import Precision, PrecisionConfig
 from megatron_rlfp16.rollout.engine import LORA_FAMILIES, RolloutConfig, engine_lora_rank
@@ -85,6 +85,9 @@ class RunPlan:
     """The attention kernel the memory plan assumes ("fused" or "unfused")."""
     offload: bool
     """The trainer's state leaves the device while the engine samples (``runtime.offload``)."""
+    offload_optimizer: bool
+    """With ``offload``: master weights and optimizer state in host memory except during each
+    optimizer step (``MemoryConfig.offload_optimizer``)."""
     memory: MemoryPlan
     """Bytes per rank and phase (``plan.memory``); checked against the device before anything is built."""
     routing_replay: str = "none"
@@ -120,7 +123,7 @@ class RunPlan:
                         dtype=self.engine_kwargs.get("dtype"), load_format=self.rollout.load_format),
             export_dtype=Precision.parse(self.export_dtype).value, sync_bucket_bytes=self.sync_bucket_bytes,
             distributed_optimizer=self.distributed_optimizer, recompute=self.recompute, attention=self.attention,
-            offload=self.offload, memory=self.memory.describe(),
+            offload=self.offload, offload_optimizer=self.offload_optimizer, memory=self.memory.describe(),
             routing=dict(replay=self.routing_replay, engine_routes=bool(self.rollout.return_routes)),
             engine_gpu_kwargs=dict(self.engine_gpu_kwargs),
             reference=self.reference,
@@ -228,7 +231,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
     batch = _batch_arithmetic(config, dp)
     attention = resolved_attention(memory_config.attention)
     seq = -(-rollout.max_model_len // sequence_multiple(arch, parallel.tp)) * sequence_multiple(arch, parallel.tp)
-    memory = plan_memory(
+    memory = with_offload_optimizer(plan_memory(
         arch, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, etp=parallel.etp, dp=dp, world_size=world,
         dtype_bytes=precision.trainer.torch_dtype.itemsize, fp32_grads=bool(ddp.get("grad_reduce_in_fp32")),
         fp32_logits=precision.fp32_logits, distributed_optimizer=distributed,
@@ -240,7 +243,7 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         offload=resolved_offload(memory_config),
         lora_rank=lora.rank, lora_targets=tuple(lora.target_modules) if lora.enabled else (),
         critic_arch=critic.arch if critic else None, reference=reference,
-    )
+    ), memory_config.offload_optimizer)
     memory.check()  # before anything is allocated
     overrides = dict(precision.transformer_overrides(), **memory_config.recompute_overrides())
     return RunPlan(
@@ -257,7 +260,8 @@ def resolve_plan(config, *, world_size: Optional[int] = None,
         sync_bucket_bytes=config.run.sync_bucket_mb << 20,
         group_size=config.rl.group_size, temperature=config.rl.temperature, rl_loss=config.rl.loss,
         distributed_optimizer=distributed, recompute=memory_config.recompute, attention=attention,
-        offload=resolved_offload(memory_config), memory=memory,
+        offload=resolved_offload(memory_config), offload_optimizer=memory.settings["offload_optimizer"],
+        memory=memory,
         routing_replay=routing_replay, lora=lora, reference=reference,
         critic=dataclasses.replace(critic, optimizer=types.MappingProxyType(dict(optimizer, lr=critic.optimizer["lr"])))
         if critic else None,

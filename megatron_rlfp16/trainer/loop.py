@@ -8,6 +8,7 @@ data-parallel rank trains on its slice.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from megatron_rlfp16.precision.dtypes import ACCUM_DTYPE
 from megatron_rlfp16.rollout.batch import apply_stop_strings
 from megatron_rlfp16.runtime.faults import pause_point
+from megatron_rlfp16.runtime.offload import KINDS
 from megatron_rlfp16.runtime.stop import RunStopped, StopRequest
 from megatron_rlfp16.trainer.config import TrainerConfig
 from megatron_rlfp16.trainer.metrics import MetricsLogger
@@ -63,7 +65,9 @@ class Trainer:
             from megatron_rlfp16.runtime.offload import TrainerOffload
 
             self.offloader = _Offloads([TrainerOffload(self.model, self.optimizer)] + (
-                [TrainerOffload(self.critic, self.critic_optimizer)] if self.critic is not None else []))
+                [TrainerOffload(self.critic, self.critic_optimizer)] if self.critic is not None else []),
+                optimizer_apart=self.plan.offload_optimizer)
+        self._refit_due = False  # a save with offload put the engine to sleep: refit before rollout
         self.step = 0
         self._step_metrics: Dict[str, float] = {}
         self._base_in_engine = False  # adapter-only sync: the base goes in with the first sync
@@ -84,6 +88,10 @@ class Trainer:
     def train_step(self) -> Dict[str, float]:
         timer = _PhaseTimer()
         self._step_metrics: Dict[str, float] = {}  # what the stages add to this step's metrics
+        if self._refit_due:  # the engine slept through an offloaded save; the weights are still here
+            self.sync_weights()
+            self._refit_due = False
+            timer.mark("weight_sync_after_save")
         offloaded = self.offloader.offload() if self.offloader else 0
         timer.mark("offload")
         examples, batch, left_out = self.rollout()
@@ -100,6 +108,8 @@ class Trainer:
         if self.offloader:
             self.offloader.reload()
             timer.mark("reload")
+            # what stays on the host while training: the optimizer's part with offload_optimizer
+            self._step_metrics["memory/training_host_gib"] = self.offloader.host_bytes() / 2**30
         self.log_samples(examples, batch, rewards)
         timer.mark("reward")
         micro, tensors = self.micro_batches(batch, advantages)
@@ -110,6 +120,9 @@ class Trainer:
             timer.mark("values")
         metrics = self.update(micro)
         timer.mark("train")
+        if self.offloader:  # the refit reads only the weights
+            self.offloader.offload(("grads", "optimizer"))
+            timer.mark("offload_before_sync")
         # Also after a critic warm-up step, which leaves the policy as it was: on a GPU the sleeping
         # engine may have dropped its weights, and the refit is what brings them back.
         moved = self.sync_weights()
@@ -377,7 +390,8 @@ class Trainer:
                 finally:
                     if hub is not None:
                         hub.finish()
-                out.update(self.stepper.step())
+                with self._optimizer_state(0):
+                    out.update(self.stepper.step())
             if self.critic is not None:
                 out.update(self._critic_update(group))
             for k, v in out.items():
@@ -390,8 +404,16 @@ class Trainer:
         from megatron_rlfp16.megatron.critic import critic_train_step
 
         out = critic_train_step(self.critic, group, clip=self.plan.critic.value_clip)
-        step = self.critic_stepper.step()
+        with self._optimizer_state(1):
+            step = self.critic_stepper.step()
         return {f"critic/{k}": v for k, v in {**out, **step}.items()}
+
+    def _optimizer_state(self, part: int):
+        """Around an optimizer step: with ``offload_optimizer`` the master weights and moments of the
+        policy (``part`` 0) or the critic (1) are on the device only inside this block."""
+        if self.offloader is None:
+            return contextlib.nullcontext()
+        return self.offloader.optimizer_on_device(part)
 
     def _dp_slice(self, n: int) -> slice:
         from megatron.core import parallel_state as ps
@@ -465,10 +487,29 @@ class Trainer:
                     raise RunStopped(signum, self.step)
             if self.step >= run.steps:
                 self.save()  # a signal now only waits for this save: the run is complete
+        if self._refit_due:  # leave the engine serving the trainer's weights
+            self.sync_weights()
+            self._refit_due = False
+        if self.offloader:  # and the trainer's state on the device, as after construction
+            self.offloader.reload(KINDS)
         return history
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
+        """Saves the run's checkpoint (collective). With offload the engine sleeps first, so the
+        device holds the weights, master weights and optimizer state and nothing else; the next
+        step refits the engine before it samples."""
+        if self.offloader is None or not self.offloader.offloaded:
+            return self._save()
+        self.engine.sleep()
+        self._refit_due = True
+        self.offloader.reload(("optimizer",))
+        try:
+            self._save()
+        finally:
+            self.offloader.offload(("optimizer",))
+
+    def _save(self) -> None:
         from megatron_rlfp16.checkpoint import save_megatron_checkpoint
 
         state = dict(step=self.step, source=self.source.state_dict(), settings=resume_settings(self.plan),
@@ -608,17 +649,46 @@ def changed_settings(saved: Dict[str, object], current: Dict[str, object]) -> Di
 
 
 class _Offloads:
-    """Several ``TrainerOffload``s (the policy's, the critic's) as one."""
+    """Several ``TrainerOffload``s (the policy's, the critic's) as one. With ``optimizer_apart``
+    the optimizer's part of the state (master weights, moments) comes back only for the optimizer
+    steps (:meth:`optimizer_on_device`)."""
 
-    def __init__(self, parts):
+    def __init__(self, parts, *, optimizer_apart: bool = False):
         self.parts = parts
+        self.optimizer_apart = optimizer_apart
 
-    def offload(self) -> int:
-        return sum(part.offload() for part in self.parts)
+    @property
+    def offloaded(self) -> bool:
+        return any(part.offloaded for part in self.parts)
 
-    def reload(self) -> None:
+    def offload(self, kinds=KINDS) -> int:
+        """Moves ``kinds`` (those still on the device) to the host; returns the bytes now held there."""
         for part in self.parts:
-            part.reload()
+            part.offload(kinds)
+        return self.host_bytes()
+
+    def host_bytes(self) -> int:
+        return sum(part.host_bytes() for part in self.parts)
+
+    def reload(self, kinds=None) -> None:
+        """Brings ``kinds`` back (default: what training needs: all of it, or all but the
+        optimizer's part when it stays apart)."""
+        if kinds is None:
+            kinds = tuple(k for k in KINDS if not (self.optimizer_apart and k == "optimizer"))
+        for part in self.parts:
+            part.reload(kinds)
+
+    @contextlib.contextmanager
+    def optimizer_on_device(self, index: int):
+        if not self.optimizer_apart:
+            yield
+            return
+        part = self.parts[index]
+        part.reload(("optimizer",))
+        try:
+            yield
+        finally:
+            part.offload(("optimizer",))
 
 
 class _PhaseTimer:
