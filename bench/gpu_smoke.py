@@ -169,6 +169,16 @@ def section_offload(args):
         out.update(allocated_before=allocated, allocated_offloaded=allocated_offloaded,
                    released=allocated - allocated_offloaded)
     out["ok"] = identical and freed == restored > 0 and (not cuda or allocated - allocated_offloaded >= 0.9 * freed)
+    # The optimizer's part alone (--offload-optimizer's round trip around each optimizer step).
+    allocated = torch.cuda.memory_allocated() if cuda else None
+    optimizer_freed = mover.offload(("optimizer",))
+    optimizer_released = allocated - torch.cuda.memory_allocated() if cuda else None
+    optimizer_restored = mover.reload(("optimizer",))
+    same = all(torch.equal(a, b) for a, b in zip(before, _state_tensors([ddp], optimizer)))
+    out.update(optimizer_freed_bytes=optimizer_freed, optimizer_restored_bytes=optimizer_restored,
+               optimizer_released=optimizer_released, optimizer_identical=same)
+    out["ok"] = out["ok"] and same and 0 < optimizer_freed == optimizer_restored < freed and (
+        not cuda or optimizer_released >= 0.9 * optimizer_freed)
     return out
 
 
