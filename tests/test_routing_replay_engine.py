@@ -3,10 +3,11 @@
 - The engine's routes, captured while it samples, equal transformers' own top-k for every token and
   layer in FP32 (Qwen3-MoE and Mixtral), including positions the engine served from its prefix cache
   (siblings of one prompt, and a second prompt sharing the first one's leading 128-token block).
-- On a model whose routers nearly tie, routes flip between engine and trainer in FP16 and BF16 and
-  R3 lowers the trainer-vs-engine error by their share: the KL and the worst token at least 10x,
-  mean |Δp| less (``tools/measure_mismatch.py --routing-replay``, the user's own check); without flips (the plain tiny model in FP32) R3 changes
-  no log-prob.
+- On a model whose routers nearly tie (32 layers of 16 experts, 15 of them tied and weighted x64),
+  routes flip between engine and trainer in FP16 and BF16, and R3 lowers the trainer-vs-engine
+  error at least 10x: the mean |Δp| and mean |Δ log p|, the KL and the worst token
+  (``tools/measure_mismatch.py --routing-replay``, the user's own check); without flips (the plain
+  tiny model in FP32) R3 changes no log-prob.
 """
 import json
 import subprocess
@@ -63,9 +64,11 @@ def test_captured_routes_equal_transformers_top_k(tmp_path, family):
 
 
 def test_r3_removes_the_mismatch_of_flipped_routes(tmp_path):
-    # Routers in FP32 on both sides and the engine refitted with the trainer's weights leave few flips:
-    # three near-tied experts per layer, weighted x8, make some (docs/benchmarks.md has the figures).
-    hf_dir = make_near_tie_moe("qwen3_moe", str(tmp_path / "near_tie"), eps=1e-3, expert_gain=8.0, tied=3)
+    # Routers in FP32 on both sides and the engine refitted with the trainer's weights leave few flips
+    # per layer; many layers with near-tied experts, weighted x64, make flipped tokens common and
+    # their error large (docs/benchmarks.md has the figures, for three seeds).
+    hf_dir = make_near_tie_moe("qwen3_moe", str(tmp_path / "near_tie"), eps=1e-3, expert_gain=64.0, tied=15,
+                               num_hidden_layers=32, num_experts=16)
     out = tmp_path / "report"
     proc = subprocess.run(
         [sys.executable, "tools/measure_mismatch.py", "--hf-dir", hf_dir, "--dtypes", "float16,bfloat16",
@@ -76,12 +79,10 @@ def test_r3_removes_the_mismatch_of_flipped_routes(tmp_path):
     assert list(report) == ["float16", "float16+r3", "bfloat16", "bfloat16+r3"]
     for dtype in ("float16", "bfloat16"):
         without, with_r3 = report[dtype], report[f"{dtype}+r3"]
-        assert without["router/agreement"] < 1.0 and without["router/tokens_disagree"] > 0  # routes flip
-        # replaying the engine's experts takes the flips' share of the error away: the rare flipped
-        # tokens dominate the KL and the worst token (>= 10x), the mean |dp| by their share
-        assert with_r3["kl_k3"] * 10 <= without["kl_k3"], (dtype, with_r3, without)
-        assert with_r3["prob_diff_max"] * 10 <= without["prob_diff_max"], (dtype, with_r3, without)
-        assert with_r3["prob_diff_mean"] * 1.3 <= without["prob_diff_mean"], (dtype, with_r3, without)
+        assert without["router/agreement"] < 0.99 and without["router/tokens_disagree"] > 0.1  # routes flip
+        # replaying the engine's experts takes the flips' share of the error away, on average and at worst
+        for metric in ("prob_diff_mean", "logprob_diff_abs_mean", "kl_k3", "prob_diff_max"):
+            assert with_r3[metric] * 10 <= without[metric], (dtype, metric, with_r3, without)
     assert "router/agreement" in proc.stdout and "float16+r3" in proc.stdout
 
 

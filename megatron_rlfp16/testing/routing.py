@@ -97,16 +97,17 @@ def checkpoint_named_grads(model) -> dict:
 
 
 def make_near_tie_moe(family: str, out_dir: str, *, seed: int = 0, eps: float = 1e-3, expert_gain: float = 4.0,
-                      tied: int = 2) -> str:
+                      tied: int = 2, **config) -> str:
     """A tiny MoE checkpoint whose routers nearly tie: in every layer, experts 1 .. ``tied`` have router
     rows equal to expert 1's up to ``eps`` (relative), so wherever the choice falls among them a
     rounding difference between two engines flips it; their weights are scaled by ``expert_gain`` so
-    a flip moves the output visibly. For testing routing replay."""
+    a flip moves the output visibly. ``config``: overrides of the tiny config (e.g. more layers, where
+    the rounding differences that flip a choice grow). For testing routing replay."""
     from safetensors.torch import load_file, save_file
 
     from megatron_rlfp16.testing.tiny import make_tiny_model
 
-    make_tiny_model(family, out_dir, seed=seed)
+    make_tiny_model(family, out_dir, seed=seed, **config)
     path = f"{out_dir}/model.safetensors"
     weights = load_file(path)
     g = torch.Generator().manual_seed(seed + 1)
