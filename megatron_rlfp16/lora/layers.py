@@ -279,10 +279,12 @@ def load_lora_state_dict(model, arch, tensors: Dict[str, torch.Tensor]) -> int:
     return used
 
 
-def lora_state_dict(model, arch, *, grads: bool = False) -> Dict[str, torch.Tensor]:
+def lora_state_dict(model, arch, *, grads: bool = False, copy: bool = True) -> Dict[str, torch.Tensor]:
     """Collective over the tensor-parallel group: every rank returns the PEFT-named tensors of its
     pipeline stage's adapters, whole (TP shards gathered; fused rows split back into their HF modules).
-    ``grads``: the adapters' gradients (Megatron DDP's ``main_grad``) in the same layout."""
+    ``grads``: the adapters' gradients (Megatron DDP's ``main_grad``) in the same layout. ``copy=False``:
+    views where no gather was needed (they change with the adapters), for a caller that copies
+    them at once (the adapter sync)."""
     import torch.distributed as dist
 
     from megatron_rlfp16.bridge.context import ShardContext
@@ -303,7 +305,7 @@ def lora_state_dict(model, arch, *, grads: bool = False) -> Dict[str, torch.Tens
         if adapter.row_parallel:
             (hf_module,) = adapter.hf_modules.values()
             a_name, b_name = peft_names(hf_module)
-            out[a_name], out[b_name] = A.clone(), B.clone()
+            out[a_name], out[b_name] = (A.clone(), B.clone()) if copy else (A, B)
             continue
         roles = {role: role for role in adapter.mapping.hf}  # to_hf names its parts by role here
         for role, _, rows in adapter.mapping.to_hf(B, ctx.tp_size, arch, roles):
@@ -311,8 +313,8 @@ def lora_state_dict(model, arch, *, grads: bool = False) -> Dict[str, torch.Tens
                 continue
             i = adapter.roles.index(role)
             a_name, b_name = peft_names(adapter.hf_modules[role])
-            out[a_name] = A[i * r:(i + 1) * r].clone()
-            out[b_name] = rows.reshape(-1, B.shape[1])[:, i * r:(i + 1) * r].clone()
+            a, b = A[i * r:(i + 1) * r], rows.reshape(-1, B.shape[1])[:, i * r:(i + 1) * r]
+            out[a_name], out[b_name] = (a.clone(), b.clone()) if copy else (a, b)
     return out
 
 

@@ -25,14 +25,15 @@ def adapter_config(config: LoraConfig, *, base_model: Optional[str] = None, is_m
     }
 
 
-def gather_adapters(model, arch) -> Dict[str, torch.Tensor]:
+def gather_adapters(model, arch, *, copy: bool = True) -> Dict[str, torch.Tensor]:
     """Collective over the world: every rank gets all adapters of the model, PEFT-named, on CPU
-    (tensor-parallel shards gathered, pipeline stages joined)."""
+    (tensor-parallel shards gathered, pipeline stages joined). ``copy=False``: a world of one on CPU
+    may get views of the adapters (``lora_state_dict(copy=False)``), for a caller that copies them."""
     import torch.distributed as dist
 
     from megatron_rlfp16.lora.layers import lora_state_dict
 
-    mine = {k: v.cpu() for k, v in lora_state_dict(model, arch).items()}
+    mine = {k: v.cpu() for k, v in lora_state_dict(model, arch, copy=copy).items()}
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return mine
     parts = [None] * dist.get_world_size()
@@ -50,7 +51,7 @@ def sync_adapters(model, arch, engine, config: LoraConfig, dtype: torch.dtype) -
     from megatron_rlfp16.compat.megatron import cpu_stand_ins_paused
 
     with cpu_stand_ins_paused():  # tensor reshuffles and copies: nothing here places anything on CUDA
-        tensors = gather_adapters(model, arch)
+        tensors = gather_adapters(model, arch, copy=False)
         engine.set_adapter_tensors(tensors, config, dtype=dtype)  # the one copy, in dtype
     return dict(tensors=len(tensors), bytes=sum(t.numel() * dtype.itemsize for t in tensors.values()))
 
