@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/refit_bench.py --json runs/bench/refit.json
 	$(PY) bench/routing_bench.py --json runs/bench/routing.json
 	$(PY) bench/lora_bench.py --json runs/bench/lora.json
+	$(PY) bench/lora_capacity.py --json runs/bench/lora_capacity.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -165,7 +165,7 @@ def test_embedded_model_family_is_checked(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written for a bad request
 
 
-@pytest.mark.parametrize("script", ["export_bench", "logprob_bench", "guard_bench", "refit_bench"])
+@pytest.mark.parametrize("script", ["export_bench", "logprob_bench", "guard_bench", "refit_bench", "lora_capacity"])
 def test_bench_scripts_show_help(script):
     proc = _run([PY, f"bench/{script}.py", "--help"])
     assert proc.returncode == 0, proc.stderr
