@@ -77,7 +77,10 @@ def temperature_job(out: str, base: str, prompts: int) -> Dict[str, float]:
     rng = random.Random(123)
     examples = [task.sample(rng) for _ in range(prompts)]
     ids = [tokenizer.encode_prompt(e.prompt) for e in examples]
-    engine = RolloutEngine(base, RolloutConfig(max_model_len=64), engine_kwargs=dict(dtype="float32"))
+    from megatron_rlfp16.precision import Precision, PrecisionConfig
+
+    engine = RolloutEngine(base, RolloutConfig(max_model_len=64),
+                           engine_kwargs=PrecisionConfig(trainer=Precision.FP32).vllm_kwargs())
     rewards = {}
     for t in TEMPERATURES:
         n = 4 if t else 1
