@@ -6,8 +6,9 @@
 
 Needs only the HF ``config.json`` (a directory holding one, or the file); nothing is loaded or
 allocated. The phases are those of a colocated run (rollout, training, refit, and the optimizer
-step apart with --offload-optimizer; see docs/gpu.md). Exit status 0 when every phase fits (or no device memory is known), 3 when one does
-not: the message names the largest component of that phase and the settings that would make it fit.
+step apart with --offload-optimizer; see docs/gpu.md). Exit status 0 when every phase fits (or no
+device memory is known), 3 when one does not: the message names the largest component of that
+phase and the settings that would make it fit.
 """
 from __future__ import annotations
 

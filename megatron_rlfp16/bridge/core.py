@@ -231,8 +231,9 @@ def _plan(named_params, bridge: Bridge, ctx: ShardContext, dtype):
     dist.all_gather_object(everyone, mine)
     # Each weight comes from the replica of this rank's group for its kind (dense or expert); with
     # scope="world" that is the one exporting replica's, with scope="replica" this rank's own.
-    members = {kind: set(dist.get_process_group_ranks(ctx.group_for(kind) or dist.group.WORLD))
-               for kind in (False, True)}
+    groups = {kind: ctx.group_for(kind) for kind in (False, True)}
+    members = {kind: set(dist.get_process_group_ranks(dist.group.WORLD if g is None else g))
+               for kind, g in groups.items()}
     specs = sorted((s for part in everyone for s in part if s["src"] in members[s["expert"]]),
                    key=lambda s: _export_order(s["canonical"]))
     _check_complete(bridge, specs)

@@ -74,10 +74,6 @@ class TrainerOffload:
     def offloaded(self) -> bool:
         return bool(self._moved)
 
-    @property
-    def offloaded_kinds(self) -> Tuple[str, ...]:
-        return tuple(k for k in KINDS if k in self._moved)
-
     def _storages(self, kinds: Iterable[str]) -> List[Tuple[str, torch.UntypedStorage]]:
         kinds = set(kinds)
         seen, out = set(), []
