@@ -9,7 +9,9 @@ shows it; a run that exceeds ``timeout`` kills every rank.
 
 SIGTERM or SIGINT to the launching process is forwarded to every rank (which raises ``SystemExit``
 there, so that ``finally`` blocks remove temporary output); ranks still running 30 s later are
-killed, and the launcher raises :class:`Stopped` (exit code 128 + signal).
+killed, and the launcher raises :class:`Stopped` (exit code 128 + signal). Once one rank has ended,
+the others get 5 s: a rank waiting for it inside a collective (or in the process-group rendezvous)
+is in C code that does not run Python's signal handler, and would otherwise wait out the 30 s.
 
 Ranks start with the ``spawn`` method: a fresh interpreter each, which imports torch, Megatron and
 vLLM again (about 15 s on 2 CPU cores). A process that launches ranks many times (the test suite)
@@ -66,6 +68,8 @@ class Stopped(RankFailure):
 
 GRACE_S = 30.0
 """How long ranks have to exit after the launcher forwarded a signal, before they are killed."""
+PEER_GRACE_S = 5.0
+"""After a forwarded signal, how long the ranks still running have once another rank has ended."""
 
 
 START_METHODS = ("spawn", "forkserver")
@@ -177,8 +181,13 @@ def run_on_ranks(
         while len(outputs) + len(failures) < world_size:
             if received:
                 deadline = min(deadline, received[1])
-                if not any(p.is_alive() for p in procs):
+                alive = [p.is_alive() for p in procs]
+                if not any(alive):
                     raise Stopped(received[0], failures)
+                if not all(alive):  # the rest may be waiting for an ended rank in a collective
+                    if len(received) == 2:
+                        received.append(time.monotonic() + PEER_GRACE_S)
+                    deadline = min(deadline, received[2])
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if received:
