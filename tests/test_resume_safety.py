@@ -148,8 +148,10 @@ def _is_rank(process) -> bool:
 
 @pytest.mark.ranks
 def test_sigterm_to_a_tool_ends_every_rank_and_leaves_nothing(tmp_path):
-    """The tool as users run it: ranks started with ``spawn`` (the suite's fork server would have
-    them finish before the signal; the launcher forwards signals by process id either way)."""
+    """The tool as users run it: ranks started with ``spawn`` (the launcher forwards signals by
+    process id either way). Each rank is stopped (SIGSTOP) as soon as it appears, so the conversion
+    cannot finish before the signal however fast the machine; continued after it, a rank finds the
+    forwarded SIGTERM pending."""
     import signal
     import time
 
@@ -166,11 +168,16 @@ def test_sigterm_to_a_tool_ends_every_rank_and_leaves_nothing(tmp_path):
     ranks = []
     while len(ranks) < 2:  # both ranks started (spawned children running this package)
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        ranks = [p for p in psutil.Process(proc.pid).children() if _is_rank(p)]
-        time.sleep(0.1)
-    time.sleep(3)
+        for p in psutil.Process(proc.pid).children():
+            if p not in ranks and _is_rank(p):
+                p.suspend()
+                ranks.append(p)
+        time.sleep(0.01)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
+    time.sleep(1)  # the launcher forwards the signal to the stopped ranks
+    for p in ranks:
+        p.resume()
     _, err = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 30
     assert proc.returncode == 128 + signal.SIGTERM, err

@@ -160,8 +160,6 @@ def run_on_ranks(
         ctx.Process(target=_entry, args=(fn, r, world_size, port, env, args, kwargs, results), daemon=False)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
     outputs: dict[int, Any] = {}
     failures: dict[int, str] = {}
     deadline = time.monotonic() + timeout
@@ -171,13 +169,17 @@ def run_on_ranks(
         if not received:
             received.extend((signum, time.monotonic() + GRACE_S))
         for p in procs:
-            if p.is_alive():
+            if p.is_alive():  # False for a rank not started yet: the start loop forwards to it
                 os.kill(p.pid, signum)
 
-    previous = {}
+    previous = {}  # installed before the first start: a signal while starting still ends every rank
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, forward) for s in _FORWARDED}
     try:
+        for p in procs:
+            p.start()
+            if received:
+                os.kill(p.pid, received[0])
         while len(outputs) + len(failures) < world_size:
             if received:
                 deadline = min(deadline, received[1])
@@ -225,9 +227,10 @@ def run_on_ranks(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for p in procs:
+        started = [p for p in procs if p.pid is not None]
+        for p in started:
             p.join(timeout=5 if not failures else 1)
-        for p in procs:
+        for p in started:
             if p.is_alive():
                 p.kill()
                 p.join()
