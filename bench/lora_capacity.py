@@ -1,8 +1,9 @@
 """What the demo's LoRA base leaves for training to learn, and which parameters can learn it.
 
-The LoRA demo (``examples/grpo_cpu_demo.sh --lora-rank 8``) adapts the embedded model after its
-supervised warm start. This bench takes that base (the same warm start, a world of one, FP16) and
-measures:
+Until 2026-12-02 the LoRA demo adapted the embedded model after the demo's own supervised warm start
+on ``reverse`` (now ``examples/grpo_cpu_demo.sh --lora-rank 8 --lora-base-task reverse
+--lora-base-steps 60 --warm-start-steps 0``), and its reward stayed near that base's. This bench takes
+that base (the same warm start, a world of one, FP16) and measures why:
 
 - **reward by sampling temperature** (vLLM, FP32): greedy decoding and a few temperatures against the
   RL run's temperature 1. What RL can gain from a base that is already right at greedy is making the

@@ -12,8 +12,9 @@
    in the same precision; the weights go into vLLM through the bridge after every step.
    With ``--algo ppo`` the advantages are GAE's, from a critic (a value head on the same model,
    trained beside the policy with its own optimizer and loss scale).
-   With ``--lora-rank R`` the warm-started model is the frozen base of rank-R adapters, and only the
-   adapters train and move into vLLM (docs/lora.md).
+   With ``--lora-rank R`` the model is first pretrained in full on another task (``copy``: "copy: 3 1 4 ="
+   -> "3 1 4"), and that frozen base learns ``reverse`` through rank-R adapters: the warm start and
+   GRPO train only the adapters, and only the adapters move into vLLM (docs/lora.md).
 5. ``out/metrics.jsonl``, ``out/summary.json`` and ``out/curves.png``.
 """
 from __future__ import annotations
@@ -33,6 +34,16 @@ from megatron_rlfp16.cli import (  # noqa: E402
 )
 from megatron_rlfp16.precision.dtypes import Precision  # noqa: E402
 
+WARM_START_STEPS = 60
+"""Supervised steps of the whole model before GRPO (the reward then starts near 0.75 at T=1)."""
+WARM_START_LR = 1e-3
+LORA_WARM_START_LR = 3e-3
+LORA_WARM_START_UNTIL_LOSS = 0.3
+LORA_BASE_TASKS = ("copy", "sort", "reverse")
+LORA_BASE_STEPS = 200
+"""Supervised steps of the LoRA base's pretraining on ``--lora-base-task`` (whole model, no engine)."""
+LORA_WARM_START_STEPS = 300
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +51,22 @@ def parse_args(argv=None):
     p.add_argument("--precision", default=Precision.FP16.value, choices=Precision.names(),
                    help="trainer and rollout precision (the same for both)")
     p.add_argument("--steps", type=positive_int, default=100, help="GRPO steps")
-    p.add_argument("--warm-start-steps", type=non_negative_int, default=60, help="supervised steps before RL")
+    p.add_argument("--warm-start-steps", type=non_negative_int, default=None,
+                   help=f"supervised steps on the task before RL (default {WARM_START_STEPS}; with --lora-rank, "
+                        f"of the adapters: {LORA_WARM_START_STEPS})")
+    p.add_argument("--warm-start-lr", type=positive_float, default=None,
+                   help=f"learning rate of the warm start (default {WARM_START_LR:g}; with --lora-rank {LORA_WARM_START_LR:g}: "
+                        f"adapters take larger steps)")
+    p.add_argument("--warm-start-until-loss", type=positive_float, default=None,
+                   help="end the warm start early once a step's loss (mean NLL of the answer tokens) is at or below "
+                        "this; --warm-start-steps is then the most it may take (default: none; with --lora-rank "
+                        f"{LORA_WARM_START_UNTIL_LOSS:g})")
+    p.add_argument("--lora-base-task", default=None, choices=LORA_BASE_TASKS,
+                   help=f"with --lora-rank: the task the base model is pretrained on in full before the adapters "
+                        f"learn the demo's (default {LORA_BASE_TASKS[0]}; 'reverse' adapts a base warm-started on the "
+                        f"demo's own task)")
+    p.add_argument("--lora-base-steps", type=positive_int, default=None,
+                   help=f"with --lora-rank: supervised steps of that pretraining (default {LORA_BASE_STEPS})")
     p.add_argument("--prompts-per-step", type=positive_int, default=16)
     p.add_argument("--group-size", type=positive_int, default=8)
     p.add_argument("--lr", type=positive_float, default=3e-4)
@@ -71,7 +97,22 @@ def parse_args(argv=None):
                    help="KL penalty to the reference (the embedded model before the warm start) in the loss")
     p.add_argument("--kl-in-reward", type=float, default=0.0,
                    help="KL penalty to the reference in the token rewards (--algo ppo)")
-    return add_critic_args(add_lora_args(add_checkpoint_args(p))).parse_args(argv)
+    add_critic_args(add_lora_args(add_checkpoint_args(p)))
+    args = p.parse_args(argv)
+    if not args.lora_rank:
+        for flag in ("lora_base_task", "lora_base_steps"):
+            if getattr(args, flag) is not None:
+                p.error(f"--{flag.replace('_', '-')} is for a LoRA run; valid: with --lora-rank R (R >= 1)")
+    else:
+        args.lora_base_task = args.lora_base_task or LORA_BASE_TASKS[0]
+        args.lora_base_steps = args.lora_base_steps or LORA_BASE_STEPS
+    if args.warm_start_steps is None:
+        args.warm_start_steps = LORA_WARM_START_STEPS if args.lora_rank else WARM_START_STEPS
+    if args.warm_start_until_loss is None and args.lora_rank:
+        args.warm_start_until_loss = LORA_WARM_START_UNTIL_LOSS
+    if args.warm_start_lr is None:
+        args.warm_start_lr = LORA_WARM_START_LR if args.lora_rank else WARM_START_LR
+    return args
 
 
 def build_config(args, hf_dir: str):
@@ -100,20 +141,24 @@ def build_config(args, hf_dir: str):
     )
 
 
-def warm_base(args, config, source) -> str:
-    """The base model of a LoRA run: the embedded model after the supervised warm start (full
-    fine-tuning, no engine), written once as an HF checkpoint under ``--out`` and reused on resume."""
+def pretrain_base(args, config, tokenizer) -> str:
+    """The base model of a LoRA run: the embedded model after ``--lora-base-steps`` supervised steps
+    on ``--lora-base-task`` (full fine-tuning, no engine; what pretraining is to a real LoRA run),
+    written once as an HF checkpoint under ``--out`` and reused on resume."""
     import torch.distributed as dist
 
-    from megatron_rlfp16.trainer import warm_start_base
+    from megatron_rlfp16.trainer import TaskSource, warm_start_base
+    from megatron_rlfp16.trainer.embedded import embedded_task
 
-    base = os.path.join(args.out, f"hf_base_{args.model}_{args.precision}_seed{args.seed}_warm{args.warm_start_steps}")
+    base = os.path.join(args.out, f"hf_base_{args.model}_{args.precision}_seed{args.seed}_"
+                                  f"{args.lora_base_task}{args.lora_base_steps}")
     if not os.path.isdir(base):
-        sft = warm_start_base(config, source, base, steps=args.warm_start_steps, batch_size=64, lr=1e-3,
+        source = TaskSource(embedded_task(args.lora_base_task), tokenizer, seed=args.seed)
+        sft = warm_start_base(config, source, base, steps=args.lora_base_steps, batch_size=64, lr=1e-3,
                               seed=args.seed)
-        if dist.get_rank() == 0 and sft:
-            print(f"[demo] warm start of the LoRA base: {len(sft)} supervised steps (full model), final loss "
-                  f"{sft[-1]['loss']:.3f}; written to {base}", file=sys.stderr, flush=True)
+        if dist.get_rank() == 0:
+            print(f"[demo] LoRA base: {len(sft)} supervised steps of the whole model on {args.lora_base_task!r}, "
+                  f"final loss {sft[-1]['loss']:.3f}; written to {base}", file=sys.stderr, flush=True)
     dist.barrier()
     return base
 
@@ -142,19 +187,26 @@ def main(argv=None) -> int:
 
     init_runtime(ParallelConfig(tp=args.tp, ep=args.ep), seed=args.seed)
     rank = dist.get_rank()
-    task, tokenizer, _ = embedded_setup(args.out, seed=args.seed, family=args.model)
+    task, tokenizer, _ = embedded_setup(args.out, seed=args.seed, family=args.model,
+                                        also_task=args.lora_base_task if config.lora.enabled else None)
 
     source = TaskSource(task, tokenizer, seed=args.seed)
     start = time.monotonic()
-    if config.lora.enabled:  # LoRA adapts a trained base: the warm start trains it, in full, first
-        config = dataclasses.replace(config, hf_dir=warm_base(args, config, source))
+    if config.lora.enabled:  # LoRA adapts a trained base: pretrain it, in full, first
+        config = dataclasses.replace(config, hf_dir=pretrain_base(args, config, tokenizer))
     trainer = Trainer(config, source)
-    if trainer.step == 0 and not config.lora.enabled:
-        sft = warm_start(trainer, steps=args.warm_start_steps, batch_size=64, lr=1e-3, seed=args.seed)
+    if trainer.step == 0:  # the trainer's trainable parameters: the adapters of a LoRA run
+        sft = warm_start(trainer, steps=args.warm_start_steps, batch_size=64, lr=args.warm_start_lr, seed=args.seed,
+                         until_loss=args.warm_start_until_loss)
         if rank == 0 and sft:
-            print(f"[demo] warm start: {len(sft)} supervised steps, final loss {sft[-1]['loss']:.3f}, "
+            print(f"[demo] warm start{' of the adapters' if config.lora.enabled else ''}: {len(sft)} supervised "
+                  f"steps, final loss {sft[-1]['loss']:.3f}, "
                   f"skipped {sft[-1]['skipped_steps']:.0f}, loss scale {sft[-1]['loss_scale']:.0f}",
                   file=sys.stderr, flush=True)
+            if args.warm_start_until_loss is not None and sft[-1]["loss"] > args.warm_start_until_loss:
+                print(f"[demo] warning: the warm start used all {len(sft)} steps (--warm-start-steps) without "
+                      f"reaching --warm-start-until-loss {args.warm_start_until_loss:g}; GRPO starts from a "
+                      f"model that rarely answers right", file=sys.stderr, flush=True)
     try:
         trainer.fit()
     except RunStopped as stop:  # SIGTERM/SIGINT: the step finished and was saved

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-TORCH_FREE = ["tools/convert_checkpoint.py", "tools/measure_mismatch.py", "examples/grpo_cpu_demo.py"]
+TORCH_FREE = ["tools/convert_checkpoint.py", "tools/measure_mismatch.py", "tools/compare_runs.py", "examples/grpo_cpu_demo.py"]
 """Entry points whose parsers need no torch (grpo_train.py lists the registered losses, which are torch code)."""
 
 USAGE_ERRORS = [

@@ -4,6 +4,7 @@ Adapter-only sync, FP32 (so that the only differences left are the engines' summ
 adapters start from random PEFT tensors (every ``lora_B`` non-zero, so q/k/v and gate/up splits all
 count), then the RL steps train them. Checked:
 
+- a supervised warm start of the adapters (``warm_start``) ends once a step's loss reaches ``until_loss``;
 - after every step the engine's log-probs equal the trainer's (each step's π_old against the
   rollout's μ, and a probe after the last step): ≤ 1e-4;
 - each sync moves exactly the adapters' bytes (counted from the model's shapes, r · (in + out) per
@@ -107,6 +108,11 @@ def lora_job(root, hf_dir, adapters, phase):
         tensors = adapters if phase == "full" else {k: v.half() for k, v in adapters.items()}
         load_lora_state_dict(trainer.model, trainer.arch, tensors)
         out["first_sync"] = trainer.sync_weights()
+    if phase == "full":  # a supervised warm start of the adapters that ends at its first step's loss
+        from megatron_rlfp16.trainer import warm_start
+
+        out["warm"] = [warm_start(trainer, steps=3, batch_size=8, lr=1e-4, until_loss=limit)
+                       for limit in (1e9, 1e-9)]
     history = []
     if phase == "merged":
         history += trainer.fit(stop_after=2)
@@ -176,6 +182,13 @@ def test_sync_moves_only_the_adapters_and_the_base_stays_frozen(runs):
                   if not torch.equal(result["base"][k], base[k].float())}
         assert not differ, differ
         assert all(row["grad_norm"] > 0 for row in result["history"])
+
+
+def test_warm_start_of_the_adapters_stops_at_the_loss_asked_for(runs):
+    for result in runs["lora"]:
+        stopped, whole = result["warm"]
+        assert len(stopped) == 1 and stopped[0]["loss"] <= 1e9  # the first step's loss is below the limit
+        assert len(whole) == 3 and all(row["loss"] > 1e-9 for row in whole)  # never reached: every step runs
 
 
 def test_dynamic_sampling_on_the_real_engine(runs):

@@ -63,16 +63,28 @@ def embedded_model_dir(out_dir: str, family: str = "llama") -> str:
     return os.path.join(out_dir, "hf_init" if family == "llama" else f"hf_init_{family}")
 
 
+def embedded_task(name: str = "reverse", length: int = 3):
+    """One synthetic task on digit strings of exactly ``length`` digits."""
+    from megatron_rlfp16.rewards import TaskConfig, build_task
+
+    return build_task(TaskConfig(names=(name,), min_len=length, max_len=length))
+
+
 def embedded_setup(out_dir: str, *, seed: int = 0, task_name: str = "reverse", length: int = 3,
-                   family: str = "llama"):
+                   family: str = "llama", also_task: str | None = None):
     """``(task, tokenizer, hf_dir)``; collective when torch.distributed is up (rank 0 writes the
-    model, the others wait). The tokenizer is fitted on every rank (deterministic, ~0.1 s)."""
+    model, the others wait). The tokenizer is fitted on every rank (deterministic, ~0.1 s), on
+    ``task_name`` alone or, with ``also_task``, on both (a model pretrained on one task and adapted
+    to the other needs the words of both)."""
     from megatron_rlfp16.rewards import TaskConfig, TokenizerConfig, build_task, train_tokenizer
 
     if family not in EMBEDDED_FAMILIES:
         raise ValueError(f"family={family!r}; valid: {', '.join(EMBEDDED_FAMILIES)}")
-    task = build_task(TaskConfig(names=(task_name,), min_len=length, max_len=length))
-    tokenizer = train_tokenizer(task, TokenizerConfig(vocab_size=EMBEDDED_VOCAB, seed=seed))
+    task = embedded_task(task_name, length)
+    words = task
+    if also_task is not None and also_task != task_name:
+        words = build_task(TaskConfig(names=(also_task, task_name), min_len=length, max_len=length))
+    tokenizer = train_tokenizer(words, TokenizerConfig(vocab_size=EMBEDDED_VOCAB, seed=seed))
     hf_dir = embedded_model_dir(out_dir, family)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0 and not os.path.isdir(hf_dir):

@@ -6,7 +6,7 @@ loss keeps one code path (and one precision/optimizer step) for both phases.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -39,7 +39,7 @@ def supervised_batches(source, examples, micro_batch_size: int, pad_to_multiple:
 
 
 def _supervised_steps(model, optimizer, stepper, source, *, arch, seq_multiple: int, steps: int, batch_size: int,
-                      lr: float, seed: int) -> List[Dict[str, float]]:
+                      lr: float, seed: int, until_loss: Optional[float] = None) -> List[Dict[str, float]]:
     from megatron_rlfp16.megatron.train import train_step
 
     history = []
@@ -53,18 +53,24 @@ def _supervised_steps(model, optimizer, stepper, source, *, arch, seq_multiple: 
             out = train_step(model, micro, SFT_LOSS, vocab_size=arch.vocab_size)
             out.update(stepper.step())
             history.append({k: float(v) for k, v in out.items()})
+            if until_loss is not None and history[-1]["loss"] <= until_loss:
+                break  # the global batch's loss: the same on every rank, so every rank stops here
     finally:
         for g, value in zip(optimizer.param_groups, saved):
             g["lr"] = value
     return history
 
 
-def warm_start(trainer, *, steps: int, batch_size: int, lr: float, seed: int = 0) -> List[Dict[str, float]]:
-    """``steps`` supervised optimizer steps on fresh task examples (the trainer's trainable
-    parameters: the adapters of a LoRA run); returns per-step metrics."""
+def warm_start(trainer, *, steps: int, batch_size: int, lr: float, seed: int = 0,
+               until_loss: Optional[float] = None) -> List[Dict[str, float]]:
+    """Up to ``steps`` supervised optimizer steps on fresh task examples (the trainer's trainable
+    parameters: the adapters of a LoRA run), fewer when a step's loss (mean negative log-likelihood
+    of the answer tokens) reaches ``until_loss``; returns per-step metrics."""
+    if until_loss is not None and not until_loss > 0:
+        raise ValueError(f"warm_start until_loss={until_loss!r}; valid: None or a loss > 0")
     history = _supervised_steps(trainer.model, trainer.optimizer, trainer.stepper, trainer.source,
                                 arch=trainer.arch, seq_multiple=trainer.plan.seq_multiple, steps=steps,
-                                batch_size=batch_size, lr=lr, seed=seed)
+                                batch_size=batch_size, lr=lr, seed=seed, until_loss=until_loss)
     trainer.sync_weights()
     return history
 
